@@ -1,0 +1,36 @@
+"""msfm: multiscale biological foundation models (scFoundation, scMulan, ROAM, GeST) in one toolkit.
+
+Families are imported lazily so that ``import msfm`` stays fast and side-effect free::
+
+    import msfm
+    adata = msfm.datasets.pbmc68k()
+    msfm.scfoundation.embed(adata, checkpoint="ckpt_dir")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from msfm._version import CHECKPOINT_SCHEMA_VERSION, __version__
+
+_LAZY = {
+    "datasets": "msfm.datasets",
+    "data": "msfm.data",
+    "scfoundation": "msfm.models.scfoundation",
+    "engine": "msfm.engine",
+    "eval": "msfm.eval",
+    "pl": "msfm.pl",
+    "nn": "msfm.nn",
+}
+
+__all__ = ["CHECKPOINT_SCHEMA_VERSION", "__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        globals()[name] = module
+        return module
+    msg = f"module 'msfm' has no attribute {name!r}"
+    raise AttributeError(msg)

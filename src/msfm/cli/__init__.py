@@ -1,0 +1,68 @@
+"""The ``msfm`` command line: one typer app, ``msfm <family> <verb>``, thin over the Python API.
+
+Bad input (``MsfmInputError``/``CheckpointError``) prints one clear message and exits with status 2;
+set ``MSFM_DEBUG=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from msfm._version import __version__
+from msfm.cli.scfoundation import app as scfoundation_app
+from msfm.cli.tools import bench_app, datasets_app, demo
+
+app = typer.Typer(
+    name="msfm",
+    help="Multiscale biological foundation models: scFoundation, scMulan, ROAM, GeST.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(scfoundation_app, name="scfoundation")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(bench_app, name="bench")
+app.command("demo")(demo)
+
+
+@app.command("version")
+def version() -> None:
+    """Print the msfm version."""
+    typer.echo(__version__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    from msfm.errors import CheckpointError, MsfmInputError
+
+    logging.basicConfig(
+        level=os.environ.get("MSFM_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        app(args=argv, standalone_mode=False)
+    except (MsfmInputError, CheckpointError, FileNotFoundError) as err:
+        if os.environ.get("MSFM_DEBUG"):
+            raise
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except typer.Exit as err:
+        sys.exit(err.exit_code)
+    except Exception as err:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

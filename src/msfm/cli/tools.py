@@ -1,0 +1,65 @@
+"""``msfm datasets``, ``msfm bench`` and ``msfm demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+datasets_app = typer.Typer(help="Real datasets bundled inside installed packages (offline).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print numbers (recorded in docs/benchmarks.md).", no_args_is_help=True)
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """List bundled datasets with their provenance."""
+    from msfm.datasets import list_datasets
+
+    for entry in list_datasets():
+        typer.echo(json.dumps(entry, default=str))
+
+
+@datasets_app.command("export")
+def datasets_export(
+    name: Annotated[str, typer.Argument(help="Dataset name, e.g. pbmc68k")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad")],
+) -> None:
+    """Write a bundled dataset to an .h5ad file (raw counts in layers['counts'] and X)."""
+    import msfm.datasets as ds
+    from msfm.engine.io import write_h5ad_atomic
+    from msfm.errors import MsfmInputError
+
+    loader = getattr(ds, name, None)
+    if loader is None or name.startswith("_") or name == "list_datasets":
+        names = [d["name"] for d in ds.list_datasets()]
+        msg = f"Unknown dataset {name!r}; available: {names}."
+        raise MsfmInputError(msg)
+    write_h5ad_atomic(loader(), out)
+    typer.echo(f"wrote {out}")
+
+
+@bench_app.command("scfoundation")
+def bench_scfoundation(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the JSON results.")] = Path("bench_out"),
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes (a smoke run, seconds).")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    sections: Annotated[str, typer.Option(help="Comma list: speed,flops,bf16,rss")] = "speed,flops,bf16,rss",
+) -> None:
+    """Cells/s, peak memory, FLOP rate vs matmul rate, bf16 agreement, backed-file RSS."""
+    from msfm.bench.scfoundation import run_benchmarks
+
+    results = run_benchmarks(out, quick=quick, device=device, sections=[s.strip() for s in sections.split(",")])
+    typer.echo(json.dumps(results, indent=2, default=str))
+
+
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report and its figures.")] = Path("demo_out"),
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer steps (tests).")] = False,
+) -> None:
+    """The main job on bundled real PBMC data: pretrain tiny, embed, cluster, enhance, write a report."""
+    from msfm.demo import run_demo
+
+    report = run_demo(out, quick=quick)
+    typer.echo(f"report: {report}")

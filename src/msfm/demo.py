@@ -1,0 +1,257 @@
+"""``make demo``: the main job, end to end on bundled real data, on CPU, in minutes.
+
+scFoundation part, on scanpy's bundled 700 real PBMCs (raw counts recovered exactly, 10 labels):
+
+1. pretrain the tiny preset from scratch with the read-depth-aware objective (labels unused);
+2. embed every cell, cluster (Leiden tuned to the number of labels) and score ARI/NMI against the labels,
+   beside a PCA baseline (log1p CP10k, 50 PCs) computed in the same run; UMAPs by label;
+3. read-depth enhancement: every cell binomially downsampled to 20 % of its counts; cluster the raw
+   downsampled data (PCA) vs the model's enhanced expression (T = original depth) vs the embeddings.
+
+Everything is written to ``OUT/report.md`` with PNG figures and ``OUT/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+logger = logging.getLogger(__name__)
+
+
+def _pca(counts: sp.spmatrix | np.ndarray, n_comps: int = 50, *, log_normalize: bool = True, seed: int = 0) -> np.ndarray:
+    """PCA baseline on log1p(CP10k) (or on values as given)."""
+    from sklearn.decomposition import PCA
+
+    x = counts.toarray() if sp.issparse(counts) else np.asarray(counts, dtype=np.float64)
+    if log_normalize:
+        tot = x.sum(1, keepdims=True)
+        x = np.log1p(x / np.maximum(tot, 1) * 1e4)
+    x = x - x.mean(0)
+    sd = x.std(0)
+    x = x / np.where(sd > 0, sd, 1)  # scanpy-style scaling so a few high genes do not dominate
+    n = min(n_comps, min(x.shape) - 1)
+    return PCA(n_components=n, random_state=seed).fit_transform(x).astype(np.float32)
+
+
+def _umap(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    import anndata as ad
+    import scanpy as sc
+
+    a = ad.AnnData(np.zeros((x.shape[0], 1), dtype=np.float32))
+    a.obsm["rep"] = x
+    sc.pp.neighbors(a, use_rep="rep", n_neighbors=15, random_state=seed)
+    sc.tl.umap(a, random_state=seed)
+    return np.asarray(a.obsm["X_umap"])
+
+
+def _scores(x: np.ndarray, labels: np.ndarray, n_clusters: int, seed: int = 0) -> dict[str, float]:
+    from msfm.eval.metrics import clustering_scores, leiden_or_kmeans_clusters
+
+    clusters = leiden_or_kmeans_clusters(x, n_clusters=n_clusters, seed=seed)
+    s = clustering_scores(labels, clusters)
+    return {k: float(v) for k, v in s.items()}
+
+
+def _thin(counts: sp.csr_matrix, rate: float, seed: int) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    out = counts.copy().astype(np.float32)
+    out.data = rng.binomial(out.data.astype(np.int64), rate).astype(np.float32)
+    out.eliminate_zeros()
+    return out
+
+
+def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> Path:
+    """Run the demo and return the path of the Markdown report."""
+    import anndata as ad
+
+    import msfm
+    from msfm.engine.io import atomic_write_json, atomic_write_text
+    from msfm.models.scfoundation.api import embed, enhance
+    from msfm.models.scfoundation.train import PretrainRunConfig, pretrain
+    from msfm.pl import embedding_panels, metric_bars, training_curve
+
+    out = Path(out)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    adata = msfm.datasets.pbmc68k()
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    n_labels = len(set(labels))
+    counts = sp.csr_matrix(adata.layers["counts"])
+
+    # 1. pretrain ------------------------------------------------------------------------------------------
+    steps = 40 if quick else 1500
+    cfg = PretrainRunConfig(preset="scfoundation-tiny").with_overrides(
+        {"max_steps": steps, "batch_size": 8, "lr": 2e-3, "warmup_steps": max(1, steps // 20), "seed": seed,
+         "accelerator": "cpu", "devices": 1, "checkpoint_every_n_steps": max(10, steps // 5)},
+        progress_bar=True,
+    )
+    t0 = time.perf_counter()
+    ckpt = pretrain([adata], out / "pretrain_run", cfg)
+    timings["pretrain_s"] = time.perf_counter() - t0
+
+    # 2. embed + cluster vs PCA -----------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    embed(adata, ckpt, batch_size=64, device="cpu", target_depth="f1", progress=False)
+    timings["embed_s"] = time.perf_counter() - t0
+    x_sf = adata.obsm["X_scfoundation"]
+    x_pca = _pca(counts, seed=seed)
+    clustering = {
+        "PCA (50 PCs)": _scores(x_pca, labels, n_labels, seed),
+        "scFoundation-tiny": _scores(_standardize(x_sf), labels, n_labels, seed),
+    }
+    u_pca, u_sf = _umap(x_pca, seed), _umap(_standardize(x_sf), seed)
+    embedding_panels([u_pca, u_sf], ["PCA baseline", "scFoundation-tiny (pretrained here)"], labels,
+                     save=fig_dir / "umap_by_label.png")
+    metric_bars(clustering, title="Clustering vs labels (Leiden, k = #labels)", save=fig_dir / "clustering.png")
+
+    # 3. read-depth enhancement ----------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    rate = 0.2
+    low = ad.AnnData(X=_thin(counts, rate, seed + 1), obs=adata.obs[["cell_type"]].copy(), var=adata.var[[]].copy())
+    low.layers["counts"] = low.X.copy()
+    # T = log10 of the original depth: S + log10(1 / rate).
+    enhance(low, ckpt, target_depth=f"a{np.log10(1 / rate):.4f}", batch_size=16, device="cpu", progress=False)
+    embed(low, ckpt, batch_size=64, device="cpu", target_depth="f1", progress=False, key_added="X_sf_low")
+    embed(low, ckpt, batch_size=64, device="cpu", target_depth=f"a{np.log10(1 / rate):.4f}", progress=False,
+          key_added="X_sf_low_enhanced")
+    timings["enhance_s"] = time.perf_counter() - t0
+    enhanced = low.layers["scfoundation_enhanced"]
+    mapped = low.var["scfoundation_enhanced_mapped"].to_numpy()
+    enhancement = {
+        "full depth, PCA": clustering["PCA (50 PCs)"],
+        "20% depth, PCA": _scores(_pca(low.X, seed=seed), labels, n_labels, seed),
+        "20% depth, enhanced expr., PCA": _scores(_pca(enhanced[:, mapped], log_normalize=False, seed=seed), labels,
+                                                  n_labels, seed),
+        "20% depth, emb. T=S": _scores(_standardize(low.obsm["X_sf_low"]), labels, n_labels, seed),
+        "20% depth, emb. T=full": _scores(_standardize(low.obsm["X_sf_low_enhanced"]), labels, n_labels, seed),
+    }
+    fidelity = _fidelity(counts[:, mapped], low.X[:, mapped], enhanced[:, mapped])
+    metric_bars(enhancement, title="Read-depth enhancement: cells at 20% depth", save=fig_dir / "enhancement.png")
+
+    curve = _training_curve(out / "pretrain_run")
+    if curve is not None:
+        training_curve(*curve, title="Pretraining loss (masked MSE)", save=fig_dir / "pretrain_loss.png")
+
+    timings["total_s"] = time.perf_counter() - t_start
+    metrics: dict[str, Any] = {
+        "dataset": adata.uns.get("dataset", {}).get("name", "pbmc68k"),
+        "n_cells": int(adata.n_obs), "n_labels": n_labels, "pretrain_steps": steps,
+        "clustering": clustering, "enhancement_clustering": enhancement, "enhancement_fidelity": fidelity,
+        "gene_mapping": adata.uns["scfoundation"]["gene_mapping"], "timings": timings,
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    report = out / "report.md"
+    atomic_write_text(report, _report_md(metrics, curve is not None))
+    return report
+
+
+def _standardize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    sd = x.std(0)
+    return ((x - x.mean(0)) / np.where(sd > 0, sd, 1)).astype(np.float32)
+
+
+def _fidelity(full: sp.spmatrix, low: sp.spmatrix, enhanced: np.ndarray) -> dict[str, float]:
+    """Agreement with the full-depth profile: per-cell Pearson of log1p CP10k, raw-low vs enhanced."""
+
+    def lognorm(m: Any) -> np.ndarray:
+        x = m.toarray() if sp.issparse(m) else np.asarray(m, dtype=np.float64)
+        return np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
+
+    f, lo = lognorm(full), lognorm(low)
+    en = np.asarray(enhanced, dtype=np.float64)
+
+    def mean_r(a: np.ndarray, b: np.ndarray) -> float:
+        a = a - a.mean(1, keepdims=True)
+        b = b - b.mean(1, keepdims=True)
+        r = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)
+        return float(np.mean(r))
+
+    return {
+        "pearson_low_vs_full": mean_r(lo, f), "pearson_enhanced_vs_full": mean_r(en, f),
+        "mae_low_vs_full": float(np.abs(lo - f).mean()), "mae_enhanced_vs_full": float(np.abs(en - f).mean()),
+    }
+
+
+def _training_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    import pandas as pd
+
+    files = sorted(run_dir.rglob("metrics.csv"))
+    if not files:
+        return None
+    df = pd.read_csv(files[-1])
+    col = next((c for c in ("train/loss", "train_loss", "loss") if c in df.columns), None)
+    if col is None or "step" not in df.columns:
+        return None
+    df = df[["step", col]].dropna()
+    return df["step"].to_numpy(), df[col].to_numpy()
+
+
+def _table(rows: dict[str, dict[str, float]], cols: tuple[str, ...] = ("ari", "nmi")) -> str:
+    head = "| method | " + " | ".join(c.upper() for c in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+    return head + "".join(
+        f"| {k} | " + " | ".join(f"{v.get(c, float('nan')):.3f}" for c in cols) + " |\n" for k, v in rows.items()
+    )
+
+
+def _report_md(m: dict[str, Any], has_curve: bool) -> str:
+    gm = m["gene_mapping"]
+    fid = m["enhancement_fidelity"]
+    t = m["timings"]
+    lines = [
+        "# msfm demo report",
+        "",
+        f"Data: scanpy's bundled PBMC file ({m['n_cells']} real cells, {m['n_labels']} labels, raw counts recovered "
+        "exactly; see `msfm.datasets.pbmc68k`). Everything below was computed in this run on CPU.",
+        "",
+        "## scFoundation",
+        "",
+        f"**Pretraining.** The tiny preset, trained from scratch for {m['pretrain_steps']} steps with the "
+        "read-depth-aware masked objective (labels unused) in "
+        f"{t['pretrain_s']:.0f} s. Genes: {gm.get('n_mapped', '?')} of the input genes map onto the "
+        f"19,264-gene panel ({100 * gm.get('fraction_of_panel_found', 0):.1f} % of the panel).",
+        "",
+    ]
+    if has_curve:
+        lines += ["![pretraining loss](figures/pretrain_loss.png)", ""]
+    lines += [
+        "**Embedding and clustering.** Leiden on a 15-NN graph, resolution searched to give as many clusters "
+        "as labels; scored against the labels. The PCA baseline is computed in the same run.",
+        "",
+        _table(m["clustering"]),
+        "![UMAP by label](figures/umap_by_label.png)",
+        "",
+        "**Read-depth enhancement.** Every cell binomially downsampled to 20 % of its counts. The model is asked "
+        "for the profile at the original depth (T = S + log10 5).",
+        "",
+        _table(m["enhancement_clustering"]),
+        "![enhancement](figures/enhancement.png)",
+        "",
+        f"Agreement with the full-depth profile (mean per-cell Pearson of log1p CP10k over mapped genes): "
+        f"downsampled {fid['pearson_low_vs_full']:.3f}, enhanced {fid['pearson_enhanced_vs_full']:.3f}; "
+        f"MAE {fid['mae_low_vs_full']:.3f} vs {fid['mae_enhanced_vs_full']:.3f}.",
+        "",
+        "### What this shows and what it does not",
+        "",
+        "* It shows the whole pipeline working on real data on CPU: count recovery, gene mapping, pretraining "
+        "with resume-able checkpoints, batched embedding, enhancement, clustering and plots.",
+        "* It does not reproduce the paper's numbers: this is a tiny model trained for minutes on 700 cells "
+        "(the released model has 100M parameters trained on ~50M cells). Whether the tiny model beats PCA here "
+        "is whatever the table says; with the official weights (`msfm scfoundation convert`) the same commands "
+        "run the released model.",
+        "",
+        f"Timings: pretrain {t['pretrain_s']:.0f} s, embed {t['embed_s']:.1f} s, enhancement part "
+        f"{t['enhance_s']:.0f} s, total {t['total_s']:.0f} s.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""Device and mixed-precision selection for single-process inference.
+
+Training goes through Lightning (``msfm.engine.trainer``), which picks devices itself; these helpers serve the
+plain-torch inference paths (``embed``, ``generate``) so that both accept the same device strings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+
+from msfm.errors import MsfmInputError
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["32", "bf16", "16"]
+
+# Lightning spellings are accepted too, so one precision string can be passed to training and inference.
+_PRECISION_ALIASES: dict[str, Precision] = {
+    "32": "32",
+    "32-true": "32",
+    "fp32": "32",
+    "bf16": "bf16",
+    "bf16-mixed": "bf16",
+    "16": "16",
+    "16-mixed": "16",
+    "fp16": "16",
+}
+_DEVICE_RE = re.compile(r"^(cpu|cuda|mps)(?::(\d+))?$")
+
+__all__ = ["Precision", "autocast_context", "normalize_precision", "resolve_device"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn a user device string into a :class:`torch.device`, checking that it exists.
+
+    Args:
+        device: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, or a
+            :class:`torch.device`.
+
+    Returns:
+        The device.
+
+    Raises:
+        MsfmInputError: If the string is not a device name, or the device is not available on this machine.
+    """
+    if isinstance(device, torch.device):
+        spec = str(device)
+    elif isinstance(device, str):
+        spec = device.strip().lower()
+    else:
+        msg = f"device must be a string or torch.device; got {type(device).__name__}. Use e.g. 'auto' or 'cuda:0'."
+        raise MsfmInputError(msg)
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    match = _DEVICE_RE.match(spec)
+    if match is None:
+        msg = f"Unknown device {device!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."
+        raise MsfmInputError(msg)
+    kind, index = match.group(1), match.group(2)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA device"
+            msg = (
+                f"device={device!r} was requested but CUDA is not available ({build}). Use device='cpu' or 'auto', "
+                "or install the CUDA build of torch on a GPU machine (see README, 'GPU install')."
+            )
+            raise MsfmInputError(msg)
+        count = torch.cuda.device_count()
+        if index is not None and int(index) >= count:
+            msg = f"device={device!r} was requested but only {count} CUDA device(s) exist (cuda:0..cuda:{count - 1})."
+            raise MsfmInputError(msg)
+    if kind == "mps" and not _mps_available():
+        msg = f"device={device!r} was requested but Apple MPS is not available here. Use 'cpu' or 'auto'."
+        raise MsfmInputError(msg)
+    return torch.device(spec)
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def normalize_precision(precision: str) -> Precision:
+    """Map a precision string (ours or Lightning's) to ``"32"``, ``"bf16"`` or ``"16"``.
+
+    Args:
+        precision: ``"32"``, ``"bf16"``, ``"16"`` or a Lightning name such as ``"bf16-mixed"``.
+
+    Returns:
+        The canonical precision.
+
+    Raises:
+        MsfmInputError: For an unknown precision.
+    """
+    key = str(precision).strip().lower()
+    if key not in _PRECISION_ALIASES:
+        msg = f"Unknown precision {precision!r}; expected one of '32', 'bf16', '16' (or '32-true', 'bf16-mixed', '16-mixed')."
+        raise MsfmInputError(msg)
+    return _PRECISION_ALIASES[key]
+
+
+@contextlib.contextmanager
+def autocast_context(device: str | torch.device, precision: str = "32") -> Iterator[None]:
+    """Context manager running the block in the requested mixed precision on ``device``.
+
+    Args:
+        device: The device the computation runs on.
+        precision: ``"32"`` (no autocast), ``"bf16"`` or ``"16"`` (or the Lightning spellings).
+
+    Yields:
+        Nothing; the block runs under :func:`torch.autocast` (or unchanged for ``"32"``).
+
+    Raises:
+        MsfmInputError: For an unknown precision, or ``"bf16"`` on a CUDA device without bf16 support.
+    """
+    prec = normalize_precision(precision)
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    if prec == "32":
+        yield
+        return
+    if prec == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        msg = f"precision='bf16' was requested but {torch.cuda.get_device_name(dev)} does not support bf16. Use '16' or '32'."
+        raise MsfmInputError(msg)
+    dtype = torch.bfloat16 if prec == "bf16" else torch.float16
+    with torch.autocast(device_type=dev.type, dtype=dtype):
+        yield

@@ -1,0 +1,669 @@
+"""Building and running Lightning trainers with msfm's run-directory contract.
+
+A run directory (see ``docs/architecture.md``) holds::
+
+    RUN_DIR/
+      checkpoints/last.ckpt   # Lightning state for resume (loaded with weights_only=True)
+      model/                  # msfm checkpoint directory, exported at every save and at the end
+      config.json             # the resolved run config
+      metrics.csv             # CSV logger
+
+:func:`build_trainer` turns :class:`TrainerOptions` into a ``lightning.Trainer`` wired to that layout, and
+:func:`fit` resumes from ``last.ckpt`` when it exists, so re-running the same command after a crash continues the
+run instead of restarting it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import logging
+import os
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from msfm._version import __version__
+from msfm.engine.checkpoint import save_checkpoint
+from msfm.engine.io import atomic_write, atomic_write_json
+from msfm.errors import CheckpointError, MsfmInputError
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+PrecisionName = Literal[
+    "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine",
+    "transformer-engine-float16",
+]  # fmt: skip
+
+CHECKPOINTS_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+MODEL_DIR = "model"
+RUN_CONFIG = "config.json"
+METRICS_FILE = "metrics.csv"
+
+__all__ = [
+    "ExportCallback",
+    "ExportSpec",
+    "SafeCheckpointIO",
+    "TrainerOptions",
+    "build_trainer",
+    "fit",
+    "last_checkpoint",
+]
+
+
+class TrainerOptions(BaseModel):
+    """Hardware, precision and loop settings of a training run (JSON-serialisable; stored in ``config.json``).
+
+    Attributes:
+        accelerator: ``"auto"``, ``"cpu"``, ``"gpu"``/``"cuda"``, ``"mps"``.
+        devices: ``"auto"``, a device count (``-1`` = all) or a list of device indices.
+        strategy: Lightning strategy name: ``"auto"``, ``"ddp"``, ``"ddp_spawn"``, ``"fsdp"``, ``"deepspeed"``, ...
+        num_nodes: Number of machines (multi-node needs a launcher such as SLURM or torchrun).
+        precision: Lightning precision, e.g. ``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``.
+        max_steps: Optimiser steps to train for (``-1``: bounded by ``max_epochs``).
+        max_epochs: Epochs to train for (None: bounded by ``max_steps``).
+        accumulate: Batches per optimiser step (gradient accumulation).
+        seed: Seed for ``lightning.seed_everything`` (torch, numpy, random, dataloader workers).
+        gradient_clip: Global gradient-norm clip; None disables.
+        log_every_n_steps: Logging interval.
+        checkpoint_every_n_steps: ``last.ckpt`` and ``model/`` are written every this many optimiser steps (and at
+            the end).
+        val_check_interval: Validation interval (int: batches, float: fraction of an epoch); None: every epoch.
+        progress_bar: Show a progress bar (``True`` picks rich, else tqdm) or disable it.
+        model_summary: Log the parameter summary at the start.
+        deterministic: Ask torch for deterministic kernels (slower; some ops raise).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
+    devices: Literal["auto"] | int | list[int] = "auto"
+    strategy: str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    precision: PrecisionName = "32-true"
+    max_steps: int = Field(-1, ge=-1)
+    max_epochs: int | None = Field(None, ge=1)
+    accumulate: int = Field(1, ge=1)
+    seed: int = 0
+    gradient_clip: float | None = Field(1.0, gt=0)
+    log_every_n_steps: int = Field(10, ge=1)
+    checkpoint_every_n_steps: int = Field(500, ge=1)
+    val_check_interval: int | float | None = None
+    progress_bar: bool | Literal["rich", "tqdm"] = True
+    model_summary: bool = True
+    deterministic: bool = False
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        known = {"auto", *StrategyRegistry.available_strategies()}
+        if value not in known:
+            msg = f"Unknown strategy {value!r}; expected one of {sorted(known)}."
+            raise ValueError(msg)
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _valid_devices(cls, value: Any) -> Any:
+        if (isinstance(value, int) and value in (0,)) or (isinstance(value, int) and value < -1):
+            msg = f"devices={value} is not a device count; use a positive count, -1 (all) or 'auto'."
+            raise ValueError(msg)
+        if isinstance(value, list) and not value:
+            msg = "devices=[] selects no device; list device indices (e.g. [0, 1]) or use 'auto'."
+            raise ValueError(msg)
+        return value
+
+    @field_validator("max_steps")
+    @classmethod
+    def _valid_steps(cls, value: int) -> int:
+        if value == 0:
+            msg = "max_steps=0 trains nothing; use a positive number, or -1 to bound training by max_epochs."
+            raise ValueError(msg)
+        return value
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What :class:`ExportCallback` needs to write ``RUN_DIR/model`` as an msfm checkpoint directory.
+
+    Attributes:
+        family: Model family name.
+        config: The model config (pydantic model or JSON-serialisable dict).
+        gene_panel: Gene symbols in panel order, if the family has a panel.
+        gene_panel_name: Name of the panel.
+        preprocessing: Preprocessing parameters that travel with the weights.
+        get_state_dict: Maps the LightningModule state dict (keys ``model.*`` for :class:`MsfmLightningModule`)
+            to the model state dict to save; None strips the ``model.`` prefix.
+        extra_meta: Further provenance for ``meta.json``.
+    """
+
+    family: str
+    config: Any
+    gene_panel: Sequence[str] | None = None
+    gene_panel_name: str | None = None
+    preprocessing: Mapping[str, Any] | None = None
+    get_state_dict: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None
+    extra_meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that never unpickles arbitrary objects and writes atomically.
+
+    Loading always uses ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, so a
+    tampered ``last.ckpt`` cannot run code. Saving goes through a temporary sibling and ``os.replace``, so a kill
+    during the save leaves the previous ``last.ckpt`` intact.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any = None
+    ) -> None:
+        """Write ``checkpoint`` to ``path`` atomically.
+
+        Args:
+            checkpoint: The Lightning checkpoint dict.
+            path: Destination file.
+            storage_options: Unsupported; must be None.
+
+        Raises:
+            TypeError: If ``storage_options`` is given.
+        """
+        if storage_options is not None:
+            msg = f"SafeCheckpointIO does not take storage_options; got {storage_options!r}."
+            raise TypeError(msg)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(target, "wb") as fh:
+            torch.save(checkpoint, fh)
+
+    def load_checkpoint(
+        self, path: PathLike, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Load a Lightning checkpoint with ``weights_only=True`` whatever the caller asked.
+
+        Args:
+            path: Checkpoint file.
+            map_location: Passed to ``torch.load``.
+            weights_only: Ignored (always True).
+
+        Returns:
+            The checkpoint dict.
+
+        Raises:
+            CheckpointError: If the file is missing or holds objects other than tensors and plain containers.
+        """
+        return _safe_torch_load(path, map_location=map_location)
+
+
+def _safe_torch_load(path: PathLike, *, map_location: Any = None, mmap: bool = False) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        msg = f"Lightning checkpoint {p} does not exist."
+        raise CheckpointError(msg)
+    try:
+        return torch.load(p, map_location=map_location or "cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises UnpicklingError/RuntimeError depending on the offending object
+        msg = (
+            f"Cannot load {p} with weights_only=True ({type(err).__name__}: {str(err)[:300]}). msfm only resumes from "
+            "checkpoints holding tensors and plain values; objects that need unpickling are refused. If the run was "
+            "written by msfm, the file is damaged: delete it to restart from scratch."
+        )
+        raise CheckpointError(msg) from err
+
+
+class _SafeFSDPStrategy(FSDPStrategy):
+    """FSDP strategy whose full-state checkpoints are checked to be weights-only before Lightning loads them.
+
+    Lightning loads full FSDP checkpoints with its own lazy unpickler (not ``weights_only``); a memory-mapped
+    ``weights_only=True`` pass first refuses anything but tensors and plain values, without reading the tensors.
+    """
+
+    def load_checkpoint(self, checkpoint_path: PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        """Verify then load a checkpoint.
+
+        Args:
+            checkpoint_path: Checkpoint file (or sharded directory).
+            weights_only: Ignored (always True).
+
+        Returns:
+            The checkpoint dict.
+        """
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_file():
+            _safe_torch_load(path, mmap=True)
+        return super().load_checkpoint(path, weights_only=True)
+
+
+class _RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` writing ``last.ckpt`` every N steps and also at the final step.
+
+    Stock ``ModelCheckpoint`` with ``every_n_train_steps`` skips the final step when it is not a multiple of N, so
+    a finished run would resume from an older state if its ``max_steps`` is raised later.
+    """
+
+    def on_train_batch_end(
+        self, trainer: lightning.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if (
+            0 < trainer.max_steps <= trainer.global_step
+            and self._last_global_step_saved != trainer.global_step
+            and not self._should_skip_saving_checkpoint(trainer)
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: Any) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        if (
+            last_epoch
+            and self._last_global_step_saved != trainer.global_step
+            and not self._should_skip_saving_checkpoint(trainer)
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = trainer.global_step
+
+
+def _strip_model_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = "model."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+class ExportCallback(Callback):
+    """Write ``RUN_DIR/model`` (an msfm checkpoint directory) at every Lightning checkpoint save and at the end.
+
+    A run killed mid-way therefore still leaves a model that ``load_checkpoint`` and the family APIs can use.
+    Only global rank 0 writes; the state dict is taken from the checkpoint being saved (already gathered by the
+    strategy), and at train end from ``strategy.lightning_module_state_dict()``, which every rank calls because
+    it is a collective under FSDP.
+
+    Args:
+        out_dir: Destination directory (normally ``RUN_DIR/model``).
+        family: Model family name.
+        config: The model config.
+        gene_panel: Gene symbols in panel order, if any.
+        gene_panel_name: Name of the panel.
+        preprocessing: Preprocessing parameters.
+        get_state_dict: LightningModule state dict -> model state dict; default strips ``model.``.
+        extra_meta: Further provenance for ``meta.json`` (the global step and epoch are added).
+    """
+
+    def __init__(
+        self,
+        out_dir: PathLike,
+        *,
+        family: str,
+        config: Any,
+        gene_panel: Sequence[str] | None = None,
+        gene_panel_name: str | None = None,
+        preprocessing: Mapping[str, Any] | None = None,
+        get_state_dict: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None,
+        extra_meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_dir = Path(out_dir)
+        self.family = family
+        self.config = config
+        self.gene_panel = list(gene_panel) if gene_panel is not None else None
+        self.gene_panel_name = (
+            gene_panel_name if gene_panel_name is not None else getattr(gene_panel, "name", None)
+        )
+        self.preprocessing = dict(preprocessing) if preprocessing is not None else None
+        self.get_state_dict = get_state_dict or _strip_model_prefix
+        self.extra_meta = dict(extra_meta or {})
+        self._last_step: int | None = None
+
+    @classmethod
+    def from_spec(cls, out_dir: PathLike, spec: ExportSpec) -> ExportCallback:
+        """Build the callback from an :class:`ExportSpec`.
+
+        Args:
+            out_dir: Destination directory.
+            spec: What to export.
+
+        Returns:
+            The callback.
+        """
+        return cls(
+            out_dir,
+            family=spec.family,
+            config=spec.config,
+            gene_panel=spec.gene_panel,
+            gene_panel_name=spec.gene_panel_name,
+            preprocessing=spec.preprocessing,
+            get_state_dict=spec.get_state_dict,
+            extra_meta=spec.extra_meta,
+        )
+
+    def on_save_checkpoint(
+        self, trainer: lightning.Trainer, pl_module: Any, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.sanity_checking:
+            return
+        self._export(trainer, checkpoint["state_dict"])
+
+    def on_train_end(self, trainer: lightning.Trainer, pl_module: Any) -> None:
+        # Decided identically on every rank (the step is the same everywhere), so the collective below matches.
+        if self._last_step == trainer.global_step:
+            return
+        self._export(trainer, trainer.strategy.lightning_module_state_dict())
+
+    def _export(self, trainer: lightning.Trainer, lightning_state: Mapping[str, torch.Tensor]) -> None:
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        state = self.get_state_dict(lightning_state)
+        if not state:
+            msg = (
+                f"ExportCallback found no weights to export (state dict keys: {list(lightning_state)[:5]}...). "
+                "Pass get_state_dict= mapping the LightningModule state dict to the model's."
+            )
+            raise MsfmInputError(msg)
+        meta = {
+            **self.extra_meta,
+            "global_step": int(trainer.global_step),
+            "epoch": int(trainer.current_epoch),
+        }
+        save_checkpoint(
+            self.out_dir,
+            family=self.family,
+            config=self.config,
+            state_dict=state,
+            gene_panel=self.gene_panel,
+            gene_panel_name=self.gene_panel_name,
+            preprocessing=self.preprocessing,
+            extra_meta=meta,
+        )
+
+
+class _AppendingExperimentWriter(ExperimentWriter):
+    """CSV writer that appends to an existing ``metrics.csv`` instead of deleting it (needed for resume)."""
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as fh:
+                # Known columns: the writer then appends rows under the same header (or widens it).
+                self.metrics_keys = sorted(next(csv.reader(fh), []))
+
+
+class _RunCSVLogger(CSVLogger):
+    """``CSVLogger`` writing ``RUN_DIR/metrics.csv`` and keeping the rows of earlier, resumed segments."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def _reset_metrics(run: Path, resume_step: int | None) -> None:
+    """Drop metric rows a resumed run will log again (steps >= the resume step); all rows for a fresh run."""
+    path = run / METRICS_FILE
+    if not path.is_file():
+        return
+    if resume_step is None:
+        path.unlink()
+        return
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        rows = [r for r in reader if not r.get("step") or int(float(r["step"])) < resume_step]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(path, "w") as fh:
+        fh.write(buf.getvalue())
+
+
+def _progress_bar(choice: bool | str) -> Callback | None:
+    if choice is False:
+        return None
+    if choice in (True, "rich"):
+        try:
+            from lightning.pytorch.callbacks import RichProgressBar
+
+            return RichProgressBar()
+        except (ImportError, ModuleNotFoundError):
+            if choice == "rich":
+                raise
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    return TQDMProgressBar()
+
+
+def _build_strategy(
+    options: TrainerOptions, fsdp_wrap_layers: Collection[type[nn.Module]] | None
+) -> str | lightning.pytorch.strategies.Strategy:
+    if options.strategy != "fsdp":
+        if fsdp_wrap_layers:
+            logger.warning("fsdp_wrap_layers is ignored with strategy=%r", options.strategy)
+        return options.strategy
+    accel = options.accelerator
+    if accel == "cpu" or (accel == "auto" and not torch.cuda.is_available()):
+        msg = (
+            f"strategy='fsdp' needs CUDA GPUs, but accelerator={accel!r} resolves to CPU here. Use strategy='ddp' "
+            "(or 'auto') on CPU, or run on a GPU machine."
+        )
+        raise MsfmInputError(msg)
+    # Wrapping each transformer block separately is what makes FSDP shard memory; without a policy the whole
+    # model is one unit. "full" state dicts keep last.ckpt a single file that our safe loader can check.
+    policy = set(fsdp_wrap_layers) if fsdp_wrap_layers else None
+    return _SafeFSDPStrategy(
+        auto_wrap_policy=policy, state_dict_type="full", checkpoint_io=SafeCheckpointIO()
+    )
+
+
+def build_trainer(
+    options: TrainerOptions | Mapping[str, Any],
+    run_dir: PathLike,
+    *,
+    callbacks: Iterable[Callback] = (),
+    export: ExportSpec | None = None,
+    fsdp_wrap_layers: Collection[type[nn.Module]] | None = None,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+) -> lightning.Trainer:
+    """Build a ``lightning.Trainer`` that writes into ``run_dir`` following the run-directory contract.
+
+    Seeds everything once (``options.seed``), logs to ``run_dir/metrics.csv``, writes ``run_dir/checkpoints/
+    last.ckpt`` every ``checkpoint_every_n_steps`` and at the final step, loads checkpoints with
+    ``weights_only=True``, and (with ``export``) keeps ``run_dir/model`` current.
+
+    Args:
+        options: Trainer settings.
+        run_dir: Run directory (created if missing).
+        callbacks: Extra Lightning callbacks.
+        export: If given, export an msfm checkpoint directory to ``run_dir/model``.
+        fsdp_wrap_layers: Layer classes FSDP wraps as separate shards (e.g. the transformer block class); only
+            with ``strategy="fsdp"``.
+        trainer_kwargs: Further ``lightning.Trainer`` arguments for cases the options do not cover (e.g.
+            ``limit_val_batches``); they override the derived ones.
+
+    Returns:
+        The trainer. ``trainer.msfm_options`` holds the validated options (written to ``config.json`` by
+        :func:`fit`).
+
+    Raises:
+        MsfmInputError: If the options are invalid or Lightning rejects the combination (e.g. FSDP on CPU,
+            ``16-mixed`` on CPU).
+    """
+    opts = _coerce_options(options)
+    if opts.max_steps == -1 and opts.max_epochs is None:
+        msg = "TrainerOptions sets neither max_steps nor max_epochs; set one so the run (and lr schedule) has an end."
+        raise MsfmInputError(msg)
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    # Once, here: the model is usually built before this call, but the data order, dropout and masking draws all
+    # happen afterwards, which is what must be reproducible.
+    lightning.seed_everything(opts.seed, workers=True, verbose=False)
+
+    ckpt_cb = _RunCheckpoint(
+        dirpath=run / CHECKPOINTS_DIR,
+        filename="step{step}",
+        every_n_train_steps=opts.checkpoint_every_n_steps,
+        save_top_k=0,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    all_callbacks: list[Callback] = [ckpt_cb]
+    if export is not None:
+        all_callbacks.append(ExportCallback.from_spec(run / MODEL_DIR, export))
+    bar = _progress_bar(opts.progress_bar)
+    if bar is not None:
+        all_callbacks.append(bar)
+    all_callbacks.extend(callbacks)
+
+    strategy = _build_strategy(opts, fsdp_wrap_layers)
+    kwargs: dict[str, Any] = {
+        "accelerator": opts.accelerator,
+        "devices": opts.devices,
+        "strategy": strategy,
+        "num_nodes": opts.num_nodes,
+        "precision": opts.precision,
+        "max_steps": opts.max_steps,
+        "max_epochs": opts.max_epochs if opts.max_epochs is not None else -1,
+        "accumulate_grad_batches": opts.accumulate,
+        "gradient_clip_val": opts.gradient_clip,
+        "gradient_clip_algorithm": "norm",
+        "log_every_n_steps": opts.log_every_n_steps,
+        "val_check_interval": opts.val_check_interval,
+        "enable_progress_bar": bar is not None,
+        "enable_model_summary": opts.model_summary,
+        "deterministic": opts.deterministic,
+        "default_root_dir": run,
+        # name="" and version="" put metrics.csv directly into the run directory.
+        "logger": _RunCSVLogger(save_dir=run, name="", version=""),
+        "callbacks": all_callbacks,
+    }
+    if not isinstance(strategy, FSDPStrategy):
+        kwargs["plugins"] = [SafeCheckpointIO()]
+    kwargs.update(trainer_kwargs or {})
+    try:
+        trainer = lightning.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
+        msg = (
+            f"Lightning rejected the trainer options (accelerator={opts.accelerator!r}, devices={opts.devices!r}, "
+            f"strategy={opts.strategy!r}, precision={opts.precision!r}): {err}. Adjust these options for this machine."
+        )
+        raise MsfmInputError(msg) from err
+    trainer.msfm_options = opts  # type: ignore[attr-defined]
+    return trainer
+
+
+def _coerce_options(options: TrainerOptions | Mapping[str, Any]) -> TrainerOptions:
+    if isinstance(options, TrainerOptions):
+        return options
+    if isinstance(options, Mapping):
+        from pydantic import ValidationError
+
+        try:
+            return TrainerOptions(**options)
+        except ValidationError as err:
+            msg = f"Invalid trainer options: {err}"
+            raise MsfmInputError(msg) from err
+    msg = f"options must be TrainerOptions or a dict; got {type(options).__name__}."
+    raise MsfmInputError(msg)
+
+
+def last_checkpoint(run_dir: PathLike) -> Path | None:
+    """Path of the resumable Lightning checkpoint of a run, if there is one.
+
+    Args:
+        run_dir: Run directory.
+
+    Returns:
+        ``run_dir/checkpoints/last.ckpt`` when it exists, else None.
+    """
+    path = Path(run_dir) / CHECKPOINTS_DIR / LAST_CKPT
+    return path if path.is_file() else None
+
+
+def _to_json(value: Any) -> Any:
+    if value is None:
+        return None
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    return value
+
+
+def fit(
+    trainer: lightning.Trainer,
+    module: lightning.LightningModule,
+    data: lightning.LightningDataModule | Any,
+    run_dir: PathLike,
+    *,
+    val_dataloaders: Any = None,
+    run_config: BaseModel | Mapping[str, Any] | None = None,
+    resume: bool = True,
+) -> Path:
+    """Train ``module``, resuming from ``run_dir/checkpoints/last.ckpt`` when it exists.
+
+    Args:
+        trainer: A trainer from :func:`build_trainer` for the same ``run_dir``.
+        module: The LightningModule (usually :class:`msfm.engine.MsfmLightningModule`).
+        data: A ``LightningDataModule`` or a training ``DataLoader``.
+        run_dir: Run directory.
+        val_dataloaders: Validation loader(s) when ``data`` is a loader.
+        run_config: The caller's resolved config (model, data, ...), stored in ``config.json`` next to the
+            trainer and optimiser settings.
+        resume: Resume from ``last.ckpt`` if present; False starts from scratch (the old state is overwritten by
+            the next save).
+
+    Returns:
+        The run directory.
+
+    Raises:
+        CheckpointError: If ``last.ckpt`` exists but cannot be loaded safely.
+    """
+    run = Path(run_dir)
+    ckpt = last_checkpoint(run) if resume else None
+    step = 0
+    if ckpt is not None:
+        # mmap: reads the pickle header, not the tensors, so peeking at the step is cheap for large models.
+        step = int(_safe_torch_load(ckpt, mmap=True).get("global_step", 0))
+        logger.info("resuming from step %d (%s)", step, ckpt)
+        # The sanity check already ran when the run started; repeating it would also shift the random stream
+        # (validation iterators draw seeds) relative to an uninterrupted run.
+        trainer.num_sanity_val_steps = 0
+    if trainer.is_global_zero:
+        _reset_metrics(run, step if ckpt is not None else None)
+        opts = getattr(trainer, "msfm_options", None)
+        optim = getattr(module, "optim", None)
+        atomic_write_json(
+            run / RUN_CONFIG,
+            {
+                "msfm_version": __version__,
+                "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "resumed_from_step": step if ckpt is not None else None,
+                "trainer": _to_json(opts),
+                "optim": _to_json(optim),
+                "run": _to_json(run_config),
+            },
+        )
+    fit_kwargs: dict[str, Any] = {"ckpt_path": ckpt, "weights_only": True}
+    if isinstance(data, lightning.LightningDataModule):
+        trainer.fit(module, datamodule=data, **fit_kwargs)
+    else:
+        trainer.fit(module, train_dataloaders=data, val_dataloaders=val_dataloaders, **fit_kwargs)
+    return run

@@ -1,0 +1,1 @@
+"""scFoundation (xTrimoGene) family: config, model, presets and the official-checkpoint converter."""

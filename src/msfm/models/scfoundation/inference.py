@@ -1,0 +1,135 @@
+"""Batched scFoundation inference on any cell source (in memory or backed), on CPU or CUDA.
+
+Cells are read chunk by chunk, mapped onto the gene panel, sorted by length inside each chunk
+(length bucketing: cells of similar length share a batch, so little compute goes to padding), and
+run through the model under an optional autocast. Results are handed back with their row indices, so
+callers can write them anywhere (an in-memory array or an on-disk dataset) and memory stays flat in
+the number of cells.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from msfm.data import CellSource, GeneMapping, GenePanel
+from msfm.engine.checkpoint import load_checkpoint
+from msfm.engine.device import autocast_context, resolve_device
+from msfm.models.scfoundation.config import ScFoundationConfig
+from msfm.models.scfoundation.model import ScFoundation
+from msfm.tokenizers.gene_panel import ScFoundationTokenizer, TargetDepth
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["32", "bf16", "16"]
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint made ready for inference: model on its device, config, gene panel, metadata."""
+
+    model: ScFoundation
+    config: ScFoundationConfig
+    panel: GenePanel
+    meta: dict
+    path: Path
+    device: torch.device
+
+
+def load_model(checkpoint: str | Path | LoadedModel, *, device: str = "auto") -> LoadedModel:
+    """Load an msfm scFoundation checkpoint directory (made by ``convert`` or ``pretrain``)."""
+    if isinstance(checkpoint, LoadedModel):
+        return checkpoint
+    ckpt = load_checkpoint(checkpoint, family="scfoundation")
+    config = ScFoundationConfig(**ckpt.config)
+    model = ScFoundation(config)
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    panel = (
+        GenePanel.from_symbols(ckpt.gene_panel, name=ckpt.meta.get("gene_panel", {}).get("name", "checkpoint"))
+        if ckpt.gene_panel
+        else GenePanel.scfoundation()
+    )
+    return LoadedModel(model=model, config=config, panel=panel, meta=ckpt.meta, path=Path(ckpt.path), device=dev)
+
+
+@dataclass
+class Batch:
+    """One model batch and where its cells sit in the source."""
+
+    rows: np.ndarray  # source row indices, [b]
+    tensors: dict[str, torch.Tensor]
+    zero_count: np.ndarray  # [b] bool
+    panel_counts: object  # scipy CSR [b, G]: the panel-aligned input, for callers that need it
+
+
+def iter_batches(
+    source: CellSource,
+    mapping: GeneMapping,
+    tokenizer: ScFoundationTokenizer,
+    target_depth: str | TargetDepth,
+    *,
+    rows: np.ndarray | None = None,
+    batch_size: int = 64,
+    max_tokens: int | None = None,
+    chunk_size: int = 4096,
+    pre_normalized: bool = False,
+    with_full_values: bool = False,
+) -> Iterator[Batch]:
+    """Yield length-bucketed batches over the cells of ``source`` (or only ``rows`` of it).
+
+    ``max_tokens`` caps ``batch * longest sequence`` so long cells (bulk-like, >10k genes) get small batches
+    instead of running out of memory. ``Batch.rows`` are always positions in ``source``.
+    """
+    target = TargetDepth.parse(target_depth) if isinstance(target_depth, str) else target_depth
+    if rows is None:
+        chunks = ((c.obs_idx, c.X) for c in source.iter_chunks(chunk_size))
+    else:
+        rows = np.asarray(rows, dtype=np.int64)
+        chunks = ((rows[i : i + chunk_size], source.rows(rows[i : i + chunk_size])) for i in range(0, len(rows), chunk_size))
+    for obs_idx, csr in chunks:
+        panel = mapping.apply(csr)
+        enc = tokenizer.encode(panel, target, pre_normalized=pre_normalized)
+        lengths = np.asarray(enc.lengths)
+        order = np.argsort(lengths, kind="stable")
+        for group in _bucket(order, lengths, batch_size=batch_size, max_tokens=max_tokens):
+            tensors = tokenizer.collate(enc, group)
+            if with_full_values:
+                tensors["full_values"] = tokenizer.full_values(enc, group)
+            yield Batch(
+                rows=np.asarray(obs_idx)[group],
+                tensors=tensors,
+                zero_count=np.asarray(enc.zero_count)[group],
+                panel_counts=panel[group],
+            )
+
+
+def _bucket(order: np.ndarray, lengths: np.ndarray, *, batch_size: int, max_tokens: int | None) -> Iterator[np.ndarray]:
+    i = 0
+    n = len(order)
+    while i < n:
+        j = min(i + batch_size, n)
+        if max_tokens is not None:
+            # Sorted ascending, so the last cell of the window is the longest: shrink until it fits.
+            while j - i > 1 and (j - i) * int(lengths[order[j - 1]]) > max_tokens:
+                j -= 1
+        yield order[i:j]
+        i = j
+
+
+@torch.inference_mode()
+def encode_batch(
+    model: ScFoundation, tensors: dict[str, torch.Tensor], device: torch.device, precision: Precision
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run the encoder on one collated batch; returns (hidden, tensors on device)."""
+    t = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+    with autocast_context(device, precision):
+        hidden = model.encode(t["values"], t["gene_ids"], t["padding_mask"])
+    return hidden, t

@@ -1,0 +1,37 @@
+"""Shared test configuration: deterministic seeds, small thread pools, fixture paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    # Two cores are shared by two xdist workers: one intra-op thread each avoids oversubscription.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    np.random.seed(0)  # noqa: NPY002 - only for third-party code that uses the global state
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture
+def sf_fixture_dir() -> Path:
+    return FIXTURES / "scfoundation"
