@@ -89,10 +89,12 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> Path:
     counts = sp.csr_matrix(adata.layers["counts"])
 
     # 1. pretrain ------------------------------------------------------------------------------------------
-    steps = 40 if quick else 1500
+    steps = 40 if quick else 1200
     cfg = PretrainRunConfig(preset="scfoundation-tiny").with_overrides(
         {"max_steps": steps, "batch_size": 8, "lr": 2e-3, "warmup_steps": max(1, steps // 20), "seed": seed,
-         "accelerator": "cpu", "devices": 1, "checkpoint_every_n_steps": max(10, steps // 5)},
+         "accelerator": "cpu", "devices": 1, "checkpoint_every_n_steps": max(10, steps // 5),
+         # The 738 panel genes this dataset has: the decoder then spans 740 positions instead of 19,266.
+         "gene_panel": "data"},
         progress_bar=True,
     )
     t0 = time.perf_counter()
@@ -218,8 +220,10 @@ def _report_md(m: dict[str, Any], has_curve: bool) -> str:
         "",
         f"**Pretraining.** The tiny preset, trained from scratch for {m['pretrain_steps']} steps with the "
         "read-depth-aware masked objective (labels unused) in "
-        f"{t['pretrain_s']:.0f} s. Genes: {gm.get('n_mapped', '?')} of the input genes map onto the "
-        f"19,264-gene panel ({100 * gm.get('fraction_of_panel_found', 0):.1f} % of the panel).",
+        f"{t['pretrain_s']:.0f} s. Genes: {gm.get('n_mapped', '?')} of the {gm.get('n_input_genes', '?')} input "
+        f"genes map onto the 19,264-gene scFoundation panel ({gm.get('matched_by_method', {}).get('alias', 0)} of "
+        "them through previous/alias symbols); the demo model is built for exactly those panel genes (`gene_panel='data'`), so its decoder spans "
+        f"{gm.get('n_mapped', 0) + 2} positions instead of 19,266 and trains in minutes on 2 cores.",
         "",
     ]
     if has_curve:

@@ -71,7 +71,9 @@ def _one_step(clf: ScFoundationCellClassifier, batch: dict[str, torch.Tensor]) -
 
 @pytest.mark.parametrize(("pool", "width"), [("max", 32), ("all", 128)])
 def test_shapes(pool: str, width: int) -> None:
-    clf = ScFoundationCellClassifier(tiny_backbone(), CellClassifierConfig(num_classes=NUM_CLASSES, pool=pool))
+    clf = ScFoundationCellClassifier(
+        tiny_backbone(), CellClassifierConfig(num_classes=NUM_CLASSES, pool=pool)
+    )
     batch = labelled_batch(6)
     out = clf(batch)
     assert isinstance(out, ClassifierOutput)
@@ -82,7 +84,9 @@ def test_shapes(pool: str, width: int) -> None:
 
 
 def test_linear_mode_trains_only_the_head() -> None:
-    clf = ScFoundationCellClassifier(tiny_backbone(), CellClassifierConfig(num_classes=NUM_CLASSES, mode="linear"))
+    clf = ScFoundationCellClassifier(
+        tiny_backbone(), CellClassifierConfig(num_classes=NUM_CLASSES, mode="linear")
+    )
     head_ids = {id(p) for p in clf.head.parameters()}
     assert {id(p) for p in clf.trainable_parameters()} == head_ids
     before = _snapshot(clf.backbone)
@@ -108,7 +112,9 @@ def test_partial_mode_trains_second_to_last_layer() -> None:
 
 
 def test_partial_mode_with_chosen_layers_and_embeddings() -> None:
-    cfg = CellClassifierConfig(num_classes=NUM_CLASSES, unfreeze_layer_indices=(0, -1), unfreeze_embeddings=True)
+    cfg = CellClassifierConfig(
+        num_classes=NUM_CLASSES, unfreeze_layer_indices=(0, -1), unfreeze_embeddings=True
+    )
     clf = ScFoundationCellClassifier(tiny_backbone(depth=3), cfg)
     assert clf.trainable_layers == (0, 2)
     before = _snapshot(clf.backbone)
@@ -119,7 +125,9 @@ def test_partial_mode_with_chosen_layers_and_embeddings() -> None:
     assert all(k.startswith(prefixes) for k in changed)
     assert not any(k.startswith("encoder.layers.1.") for k in changed)
     # Two layers counted from the second-to-last.
-    clf2 = ScFoundationCellClassifier(tiny_backbone(depth=4), CellClassifierConfig(num_classes=2, unfreeze_layers=2))
+    clf2 = ScFoundationCellClassifier(
+        tiny_backbone(depth=4), CellClassifierConfig(num_classes=2, unfreeze_layers=2)
+    )
     assert clf2.trainable_layers == (1, 2)
     # A one-layer encoder has no second-to-last layer: its only layer trains.
     clf3 = ScFoundationCellClassifier(tiny_backbone(depth=1), CellClassifierConfig(num_classes=2))
@@ -127,11 +135,21 @@ def test_partial_mode_with_chosen_layers_and_embeddings() -> None:
 
 
 def test_full_mode_trains_encoder_path_not_decoder() -> None:
-    clf = ScFoundationCellClassifier(tiny_backbone(), CellClassifierConfig(num_classes=NUM_CLASSES, mode="full"))
+    clf = ScFoundationCellClassifier(
+        tiny_backbone(), CellClassifierConfig(num_classes=NUM_CLASSES, mode="full")
+    )
     trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
-    assert all(n.startswith(("backbone.value_embedding", "backbone.gene_embedding", "backbone.encoder", "head")) for n in trainable)
+    assert all(
+        n.startswith(("backbone.value_embedding", "backbone.gene_embedding", "backbone.encoder", "head"))
+        for n in trainable
+    )
     assert any(n.startswith("backbone.encoder.norm") for n in trainable)
-    for module in (clf.backbone.decoder, clf.backbone.decoder_embed, clf.backbone.decoder_norm, clf.backbone.head):
+    for module in (
+        clf.backbone.decoder,
+        clf.backbone.decoder_embed,
+        clf.backbone.decoder_norm,
+        clf.backbone.head,
+    ):
         assert not any(p.requires_grad for p in module.parameters())
     before = _snapshot(clf.backbone.decoder)
     _one_step(clf, labelled_batch())
@@ -139,7 +157,9 @@ def test_full_mode_trains_encoder_path_not_decoder() -> None:
 
 
 def test_frozen_parts_stay_in_eval_mode() -> None:
-    clf = ScFoundationCellClassifier(tiny_backbone(dropout=0.5), CellClassifierConfig(num_classes=NUM_CLASSES))
+    clf = ScFoundationCellClassifier(
+        tiny_backbone(dropout=0.5), CellClassifierConfig(num_classes=NUM_CLASSES)
+    )
     clf.train()
     layers = clf.backbone.encoder.layers
     assert clf.head.training
@@ -152,7 +172,9 @@ def test_frozen_parts_stay_in_eval_mode() -> None:
     assert not any(m.training for m in clf.modules())
 
     # Linear mode: no dropout noise anywhere in the backbone while training.
-    lin = ScFoundationCellClassifier(tiny_backbone(dropout=0.5), CellClassifierConfig(num_classes=NUM_CLASSES, mode="linear"))
+    lin = ScFoundationCellClassifier(
+        tiny_backbone(dropout=0.5), CellClassifierConfig(num_classes=NUM_CLASSES, mode="linear")
+    )
     lin.train()
     assert not any(m.training for m in lin.backbone.modules())
     batch = labelled_batch(4)
@@ -161,7 +183,9 @@ def test_frozen_parts_stay_in_eval_mode() -> None:
 
 def test_classification_loss_components_weights_and_ignore() -> None:
     batch = labelled_batch(8)
-    clf = ScFoundationCellClassifier(tiny_backbone(), CellClassifierConfig(num_classes=NUM_CLASSES, mode="linear"))
+    clf = ScFoundationCellClassifier(
+        tiny_backbone(), CellClassifierConfig(num_classes=NUM_CLASSES, mode="linear")
+    )
     clf.eval()
     out = classification_loss(clf, batch)
     logits = clf(batch).logits
@@ -210,7 +234,9 @@ def test_config_validation_and_round_trip() -> None:
     with pytest.raises(ValueError):
         CellClassifierConfig(num_classes=1)
     with pytest.raises(MsfmInputError, match="out of range"):
-        ScFoundationCellClassifier(tiny_backbone(depth=2), CellClassifierConfig(num_classes=2, unfreeze_layer_indices=(5,)))
+        ScFoundationCellClassifier(
+            tiny_backbone(depth=2), CellClassifierConfig(num_classes=2, unfreeze_layer_indices=(5,))
+        )
     cfg = CellClassifierConfig(num_classes=5, mode="partial", unfreeze_layer_indices=(-2, -3), pool="all")
     assert CellClassifierConfig(**cfg.model_dump()) == cfg
     assert CellClassifierConfig.model_validate_json(cfg.model_dump_json()) == cfg
@@ -231,7 +257,9 @@ def test_state_dict_round_trip() -> None:
 @pytest.mark.parametrize("mode", ["linear", "partial"])
 def test_overfits_small_labelled_batch(mode: str) -> None:
     batch = labelled_batch(16)
-    clf = ScFoundationCellClassifier(tiny_backbone(), CellClassifierConfig(num_classes=NUM_CLASSES, mode=mode))
+    clf = ScFoundationCellClassifier(
+        tiny_backbone(), CellClassifierConfig(num_classes=NUM_CLASSES, mode=mode)
+    )
     opt = torch.optim.Adam(clf.trainable_parameters(), lr=1e-3)
     accuracy, step = 0.0, 0
     for step in range(1, 101):

@@ -226,7 +226,9 @@ def test_batch_layout_depth_tokens_and_values() -> None:
     # Encoder values are the same numbers as the decoder input at those genes.
     for i in range(b):
         ids = batch["gene_ids"][i, : lengths[i] - 2]
-        np.testing.assert_array_equal(batch["values"][i, : lengths[i] - 2].numpy(), batch["full_values"][i, ids].numpy())
+        np.testing.assert_array_equal(
+            batch["values"][i, : lengths[i] - 2].numpy(), batch["full_values"][i, ids].numpy()
+        )
 
     # Target: full-depth normalised counts; loss mask = masked genes.
     raw = counts.toarray().astype(np.float64)

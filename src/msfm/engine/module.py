@@ -211,6 +211,8 @@ class MsfmLightningModule(lightning.LightningModule):
         kwargs = {"batch_size": int(out.n), "sync_dist": True, "on_step": on_step, "on_epoch": not on_step}
         self.log(f"{stage}/loss", out.loss.detach(), prog_bar=True, **kwargs)
         for name, value in out.components.items():
+            if name == "loss":  # already logged above (objectives may repeat it among their components)
+                continue
             value = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
             self.log(f"{stage}/{name}", value.float(), **kwargs)
 

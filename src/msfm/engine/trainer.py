@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import inspect
 import io
 import logging
 import os
@@ -29,6 +30,7 @@ import lightning
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -73,7 +75,8 @@ class TrainerOptions(BaseModel):
     Attributes:
         accelerator: ``"auto"``, ``"cpu"``, ``"gpu"``/``"cuda"``, ``"mps"``.
         devices: ``"auto"``, a device count (``-1`` = all) or a list of device indices.
-        strategy: Lightning strategy name: ``"auto"``, ``"ddp"``, ``"ddp_spawn"``, ``"fsdp"``, ``"deepspeed"``, ...
+        strategy: Lightning strategy name: ``"auto"``, ``"ddp"``, ``"ddp_spawn"``, ``"fsdp"``,
+            ``"fsdp_cpu_offload"``, ... (DeepSpeed is refused: its resume path unpickles arbitrary objects).
         num_nodes: Number of machines (multi-node needs a launcher such as SLURM or torchrun).
         precision: Lightning precision, e.g. ``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``.
         max_steps: Optimiser steps to train for (``-1``: bounded by ``max_epochs``).
@@ -112,6 +115,12 @@ class TrainerOptions(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
+        if value.startswith("deepspeed"):
+            msg = (
+                f"strategy={value!r} is not supported: DeepSpeed resumes through its own torch.load calls, which "
+                "can unpickle arbitrary objects. Use strategy='fsdp' (sharded training) or 'ddp'."
+            )
+            raise ValueError(msg)
         known = {"auto", *StrategyRegistry.available_strategies()}
         if value not in known:
             msg = f"Unknown strategy {value!r}; expected one of {sorted(known)}."
@@ -148,8 +157,8 @@ class ExportSpec:
         gene_panel: Gene symbols in panel order, if the family has a panel.
         gene_panel_name: Name of the panel.
         preprocessing: Preprocessing parameters that travel with the weights.
-        get_state_dict: Maps the LightningModule state dict (keys ``model.*`` for :class:`MsfmLightningModule`)
-            to the model state dict to save; None strips the ``model.`` prefix.
+        get_state_dict: See :class:`ExportCallback`: ``fn()`` returning the model state dict, or
+            ``fn(lightning_state_dict)``; None strips the ``model.`` prefix.
         extra_meta: Further provenance for ``meta.json``.
     """
 
@@ -158,7 +167,7 @@ class ExportSpec:
     gene_panel: Sequence[str] | None = None
     gene_panel_name: str | None = None
     preprocessing: Mapping[str, Any] | None = None
-    get_state_dict: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None
+    get_state_dict: Callable[..., Mapping[str, torch.Tensor]] | None = None
     extra_meta: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -256,6 +265,11 @@ class _RunCheckpoint(ModelCheckpoint):
     a finished run would resume from an older state if its ``max_steps`` is raised later.
     """
 
+    @property
+    def state_key(self) -> str:
+        """A fixed key, so a resumed run with another checkpoint interval still restores this callback's state."""
+        return "msfm_run_checkpoint"
+
     def on_train_batch_end(
         self, trainer: lightning.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -280,6 +294,15 @@ class _RunCheckpoint(ModelCheckpoint):
             self._last_global_step_saved = trainer.global_step
 
 
+def _n_required_args(fn: Callable[..., Any]) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: assume the one-argument form
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
+
+
 def _strip_model_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     prefix = "model."
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -289,35 +312,39 @@ class ExportCallback(Callback):
     """Write ``RUN_DIR/model`` (an msfm checkpoint directory) at every Lightning checkpoint save and at the end.
 
     A run killed mid-way therefore still leaves a model that ``load_checkpoint`` and the family APIs can use.
-    Only global rank 0 writes; the state dict is taken from the checkpoint being saved (already gathered by the
-    strategy), and at train end from ``strategy.lightning_module_state_dict()``, which every rank calls because
-    it is a collective under FSDP.
+    Only global rank 0 writes. By default the weights are taken from the checkpoint being saved (already gathered
+    by the strategy) and, at train end, from ``strategy.lightning_module_state_dict()``, which every rank calls
+    because it is a collective under FSDP.
 
     Args:
-        out_dir: Destination directory (normally ``RUN_DIR/model``).
         family: Model family name.
         config: The model config.
         gene_panel: Gene symbols in panel order, if any.
-        gene_panel_name: Name of the panel.
         preprocessing: Preprocessing parameters.
-        get_state_dict: LightningModule state dict -> model state dict; default strips ``model.``.
+        get_state_dict: Where the exported weights come from. Either a function of no arguments returning the
+            model state dict (e.g. ``lambda: model.state_dict()``; fine for single-device and DDP runs, not for
+            FSDP, whose live modules hold shards), or a function mapping the gathered LightningModule state dict
+            to the model's. None strips the ``model.`` prefix (right for :class:`MsfmLightningModule`).
+        out_dir: Destination directory; None uses ``<trainer.default_root_dir>/model`` (the run directory's
+            ``model/`` with :func:`build_trainer`).
+        gene_panel_name: Name of the panel (defaults to ``gene_panel.name`` when the panel object has one).
         extra_meta: Further provenance for ``meta.json`` (the global step and epoch are added).
     """
 
     def __init__(
         self,
-        out_dir: PathLike,
-        *,
         family: str,
         config: Any,
+        *,
         gene_panel: Sequence[str] | None = None,
-        gene_panel_name: str | None = None,
         preprocessing: Mapping[str, Any] | None = None,
-        get_state_dict: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None,
+        get_state_dict: Callable[..., Mapping[str, torch.Tensor]] | None = None,
+        out_dir: PathLike | None = None,
+        gene_panel_name: str | None = None,
         extra_meta: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.family = family
         self.config = config
         self.gene_panel = list(gene_panel) if gene_panel is not None else None
@@ -325,31 +352,36 @@ class ExportCallback(Callback):
             gene_panel_name if gene_panel_name is not None else getattr(gene_panel, "name", None)
         )
         self.preprocessing = dict(preprocessing) if preprocessing is not None else None
-        self.get_state_dict = get_state_dict or _strip_model_prefix
+        self.get_state_dict = get_state_dict
+        self._takes_state = get_state_dict is None or _n_required_args(get_state_dict) >= 1
         self.extra_meta = dict(extra_meta or {})
         self._last_step: int | None = None
 
     @classmethod
-    def from_spec(cls, out_dir: PathLike, spec: ExportSpec) -> ExportCallback:
+    def from_spec(cls, out_dir: PathLike | None, spec: ExportSpec) -> ExportCallback:
         """Build the callback from an :class:`ExportSpec`.
 
         Args:
-            out_dir: Destination directory.
+            out_dir: Destination directory (None: ``<trainer.default_root_dir>/model``).
             spec: What to export.
 
         Returns:
             The callback.
         """
         return cls(
-            out_dir,
-            family=spec.family,
-            config=spec.config,
+            spec.family,
+            spec.config,
             gene_panel=spec.gene_panel,
-            gene_panel_name=spec.gene_panel_name,
             preprocessing=spec.preprocessing,
             get_state_dict=spec.get_state_dict,
+            out_dir=out_dir,
+            gene_panel_name=spec.gene_panel_name,
             extra_meta=spec.extra_meta,
         )
+
+    def setup(self, trainer: lightning.Trainer, pl_module: Any, stage: str) -> None:
+        if self.out_dir is None:
+            self.out_dir = Path(trainer.default_root_dir) / MODEL_DIR
 
     def on_save_checkpoint(
         self, trainer: lightning.Trainer, pl_module: Any, checkpoint: dict[str, Any]
@@ -368,7 +400,12 @@ class ExportCallback(Callback):
         self._last_step = trainer.global_step
         if not trainer.is_global_zero:
             return
-        state = self.get_state_dict(lightning_state)
+        if self.get_state_dict is None:
+            state = _strip_model_prefix(lightning_state)
+        elif self._takes_state:
+            state = self.get_state_dict(lightning_state)
+        else:
+            state = self.get_state_dict()
         if not state:
             msg = (
                 f"ExportCallback found no weights to export (state dict keys: {list(lightning_state)[:5]}...). "
@@ -380,6 +417,8 @@ class ExportCallback(Callback):
             "global_step": int(trainer.global_step),
             "epoch": int(trainer.current_epoch),
         }
+        if self.out_dir is None:
+            self.out_dir = Path(trainer.default_root_dir) / MODEL_DIR
         save_checkpoint(
             self.out_dir,
             family=self.family,
@@ -421,7 +460,7 @@ def _reset_metrics(run: Path, resume_step: int | None) -> None:
     if not path.is_file():
         return
     if resume_step is None:
-        path.unlink()
+        path.unlink(missing_ok=True)
         return
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
@@ -454,14 +493,14 @@ def _progress_bar(choice: bool | str) -> Callback | None:
 def _build_strategy(
     options: TrainerOptions, fsdp_wrap_layers: Collection[type[nn.Module]] | None
 ) -> str | lightning.pytorch.strategies.Strategy:
-    if options.strategy != "fsdp":
+    if not options.strategy.startswith("fsdp"):
         if fsdp_wrap_layers:
             logger.warning("fsdp_wrap_layers is ignored with strategy=%r", options.strategy)
         return options.strategy
     accel = options.accelerator
     if accel == "cpu" or (accel == "auto" and not torch.cuda.is_available()):
         msg = (
-            f"strategy='fsdp' needs CUDA GPUs, but accelerator={accel!r} resolves to CPU here. Use strategy='ddp' "
+            f"strategy={options.strategy!r} needs CUDA GPUs, but accelerator={accel!r} resolves to CPU here. Use strategy='ddp' "
             "(or 'auto') on CPU, or run on a GPU machine."
         )
         raise MsfmInputError(msg)
@@ -469,7 +508,10 @@ def _build_strategy(
     # model is one unit. "full" state dicts keep last.ckpt a single file that our safe loader can check.
     policy = set(fsdp_wrap_layers) if fsdp_wrap_layers else None
     return _SafeFSDPStrategy(
-        auto_wrap_policy=policy, state_dict_type="full", checkpoint_io=SafeCheckpointIO()
+        auto_wrap_policy=policy,
+        state_dict_type="full",
+        cpu_offload=options.strategy == "fsdp_cpu_offload",
+        checkpoint_io=SafeCheckpointIO(),
     )
 
 
@@ -646,7 +688,9 @@ def fit(
         # The sanity check already ran when the run started; repeating it would also shift the random stream
         # (validation iterators draw seeds) relative to an uninterrupted run.
         trainer.num_sanity_val_steps = 0
-    if trainer.is_global_zero:
+    # Before trainer.fit the strategy may not know its rank yet (ranks launched by Lightning's subprocess
+    # launcher); rank_zero_only.rank is read from the launcher's environment variables at import.
+    if trainer.is_global_zero and rank_zero_only.rank == 0:
         _reset_metrics(run, step if ckpt is not None else None)
         opts = getattr(trainer, "msfm_options", None)
         optim = getattr(module, "optim", None)

@@ -66,23 +66,33 @@ class CellClassifierConfig(BaseModel):
         ),
     )
     unfreeze_layer_indices: tuple[int, ...] | None = Field(
-        None, description="partial mode: explicit encoder layer indices to train (negative = from the end); overrides unfreeze_layers."
+        None,
+        description="partial mode: explicit encoder layer indices to train (negative = from the end); overrides unfreeze_layers.",
     )
     unfreeze_embeddings: bool = Field(
-        False, description="[code] partial mode: also train the value and gene embeddings (upstream frozenmore=False)."
+        False,
+        description="[code] partial mode: also train the value and gene embeddings (upstream frozenmore=False).",
     )
     hidden: int = Field(256, ge=1, description="[code] width of the head's hidden layer (256 upstream).")
     dropout: float = Field(
-        0.0, ge=0.0, lt=1.0, description="[code] dropout after the hidden ReLU; upstream has none (0), raise for small data."
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="[code] dropout after the hidden ReLU; upstream has none (0), raise for small data.",
     )
     pool: Literal["max", "all"] = Field(
-        "max", description="[code] 'max' over real tokens (d, upstream fine-tuning) or 'all' = [S, T, max, mean] (4d)."
+        "max",
+        description="[code] 'max' over real tokens (d, upstream fine-tuning) or 'all' = [S, T, max, mean] (4d).",
     )
-    batchnorm_eps: float = Field(1e-6, gt=0.0, description="[code] eps of the affine-free BatchNorm1d (1e-6 upstream).")
+    batchnorm_eps: float = Field(
+        1e-6, gt=0.0, description="[code] eps of the affine-free BatchNorm1d (1e-6 upstream)."
+    )
     class_weights: tuple[float, ...] | None = Field(
         None, description="(ours) optional per-class cross-entropy weights, e.g. inverse class frequencies."
     )
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="(ours) cross-entropy label smoothing; 0 = off.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="(ours) cross-entropy label smoothing; 0 = off."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CellClassifierConfig:
@@ -201,9 +211,14 @@ class ScFoundationCellClassifier(nn.Module):
                 self.backbone.value_embedding.requires_grad_(True)
                 self.backbone.gene_embedding.requires_grad_(True)
         n_train = sum(p.numel() for p in self.trainable_parameters())
-        logger.info("classifier mode=%s, encoder layers training=%s, %d trainable parameters", mode, self.trainable_layers, n_train)
+        logger.info(
+            "classifier mode=%s, encoder layers training=%s, %d trainable parameters",
+            mode,
+            self.trainable_layers,
+            n_train,
+        )
 
-    def train(self, mode: bool = True) -> ScFoundationCellClassifier:  # noqa: FBT001, FBT002 (nn.Module signature)
+    def train(self, mode: bool = True) -> ScFoundationCellClassifier:
         """Set train/eval mode; frozen backbone parts always stay in eval mode.
 
         Args:
@@ -251,7 +266,9 @@ class ScFoundationCellClassifier(nn.Module):
         # A frozen encoder needs no autograd graph: saves the activation memory of every layer.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._backbone_trains()):
             hidden = self.backbone.encode(values, gene_ids, padding_mask)
-            embedding = self.backbone.pool_cell_embedding(hidden, gene_ids, padding_mask, mode=self.config.pool)
+            embedding = self.backbone.pool_cell_embedding(
+                hidden, gene_ids, padding_mask, mode=self.config.pool
+            )
         if self.training and embedding.shape[0] == 1:
             # Batch statistics of a single cell are undefined (BatchNorm1d raises); use the running ones.
             normed = F.batch_norm(
@@ -303,4 +320,6 @@ def classification_loss(model: ScFoundationCellClassifier, batch: dict[str, Tens
     with torch.no_grad():
         correct = (logits.argmax(dim=-1) == labels) & labelled
         accuracy = correct.sum() / labelled.sum().clamp_min(1)
-    return LossOutput(loss=loss, components={"loss": loss.detach(), "accuracy": accuracy}, n=int(labels.shape[0]))
+    return LossOutput(
+        loss=loss, components={"loss": loss.detach(), "accuracy": accuracy}, n=int(labels.shape[0])
+    )

@@ -84,7 +84,9 @@ class DownsampleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = Field(True, description="Turn RDA off to train a plain MAE (upstream ablation 02 did this).")
+    enabled: bool = Field(
+        True, description="Turn RDA off to train a plain MAE (upstream ablation 02 did this)."
+    )
     keep_full_depth_prob: float = Field(
         0.5,
         ge=0.0,
@@ -143,8 +145,12 @@ class MaskingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    value_mask_prob: float = Field(0.3, ge=0.0, le=1.0, description="[cfg] fraction of NON-ZERO input genes masked.")
-    zero_mask_prob: float = Field(0.03, ge=0.0, le=1.0, description="[cfg] fraction of ZERO input genes masked.")
+    value_mask_prob: float = Field(
+        0.3, ge=0.0, le=1.0, description="[cfg] fraction of NON-ZERO input genes masked."
+    )
+    zero_mask_prob: float = Field(
+        0.03, ge=0.0, le=1.0, description="[cfg] fraction of ZERO input genes masked."
+    )
     encoder_max_len: int = Field(
         15000,
         ge=3,
@@ -159,10 +165,14 @@ class MaskingConfig(BaseModel):
         ),
     )
     min_masked_nonzero: int = Field(
-        1, ge=0, description="(ours) a cell with >= 2 non-zero genes always has a masked non-zero gene to learn from."
+        1,
+        ge=0,
+        description="(ours) a cell with >= 2 non-zero genes always has a masked non-zero gene to learn from.",
     )
     min_visible_nonzero: int = Field(
-        1, ge=0, description="(ours) keep at least one non-zero gene visible so the encoder sees some expression."
+        1,
+        ge=0,
+        description="(ours) keep at least one non-zero gene visible so the encoder sees some expression.",
     )
 
 
@@ -177,17 +187,25 @@ class PretrainConfig(BaseModel):
 
     downsample: DownsampleConfig = Field(default_factory=DownsampleConfig, description="RDA downsampling.")
     masking: MaskingConfig = Field(default_factory=MaskingConfig, description="MAE masking.")
-    target_sum: float = Field(1e4, gt=0.0, description="[code] values are log1p(c / sum(c) * 1e4), as at inference.")
+    target_sum: float = Field(
+        1e4, gt=0.0, description="[code] values are log1p(c / sum(c) * 1e4), as at inference."
+    )
     pad_to_multiple_of: int = Field(
-        1, ge=1, description="(ours) pad the encoder length to a multiple (e.g. 16 for tensor cores, as GEARS did)."
+        1,
+        ge=1,
+        description="(ours) pad the encoder length to a multiple (e.g. 16 for tensor cores, as GEARS did).",
     )
     lr: float = Field(1e-4, gt=0.0, description="[code] AdamW learning rate (= max_lr).")
     weight_decay: float = Field(0.0, ge=0.0, description="[code] no weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="(ours) not in upstream files: AdamW defaults.")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="(ours) not in upstream files: AdamW defaults."
+    )
     eps: float = Field(1e-8, gt=0.0, description="(ours) not in upstream files: AdamW default.")
     warmup_steps: int = Field(9766, ge=0, description="[code] linear warm-up optimiser steps (~10 M cells).")
     max_steps: int | None = Field(
-        None, ge=1, description=(
+        None,
+        ge=1,
+        description=(
             "(ours) total optimiser steps for the decay; None: flat after warm-up in build_optimizer, "
             "the engine's estimate of the run length in optim_kwargs()."
         ),
@@ -200,7 +218,9 @@ class PretrainConfig(BaseModel):
     effective_batch_size: int = Field(
         1024, ge=1, description="[code] cells per optimiser step (128 global batch x 8 accumulation)."
     )
-    precision: Literal["32", "bf16-mixed", "16-mixed"] = Field("bf16-mixed", description="[code] upstream trained in bf16.")
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
+        "bf16-mixed", description="[code] upstream trained in bf16."
+    )
 
     def optim_kwargs(self) -> dict[str, Any]:
         """The optimiser fields under the names of ``msfm.engine.module.OptimConfig``.
@@ -314,7 +334,9 @@ def _row_of_nonzeros(csr: sp.csr_matrix) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def downsample_counts(counts: sp.csr_matrix, config: DownsampleConfig, rng: np.random.Generator) -> DownsampleResult:
+def downsample_counts(
+    counts: sp.csr_matrix, config: DownsampleConfig, rng: np.random.Generator
+) -> DownsampleResult:
     """Draw a lower-depth input profile for every cell (binomial thinning, vectorised over non-zeros).
 
     Args:
@@ -559,7 +581,9 @@ class PretrainCollator:
         >>> loader = torch.utils.data.DataLoader(rows, batch_size=8, collate_fn=collate)  # doctest: +SKIP
     """
 
-    def __init__(self, config: PretrainConfig | None = None, *, num_genes: int = NUM_GENES, seed: int = 0) -> None:
+    def __init__(
+        self, config: PretrainConfig | None = None, *, num_genes: int = NUM_GENES, seed: int = 0
+    ) -> None:
         self.config = config if config is not None else PretrainConfig()
         self.num_genes = num_genes
         self.seed = seed
@@ -581,7 +605,9 @@ class PretrainCollator:
         Shape:
             rows: ``[b, G]`` -> see :func:`make_pretrain_batch`.
         """
-        return make_pretrain_batch(rows, self.config, rng if rng is not None else self._generator(), num_genes=self.num_genes)
+        return make_pretrain_batch(
+            rows, self.config, rng if rng is not None else self._generator(), num_genes=self.num_genes
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -618,7 +644,9 @@ def pretrain_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Los
     """
     out: _HasExpression = model(batch)
     if out.expression is None:
-        msg = "pretrain_loss needs model(batch).expression, got None; build the model with its expression head."
+        msg = (
+            "pretrain_loss needs model(batch).expression, got None; build the model with its expression head."
+        )
         raise ValueError(msg)
     target = batch["target"].float()
     loss_mask = batch["loss_mask"].bool()

@@ -65,6 +65,14 @@ class PretrainRunConfig(BaseModel):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     block_size: int = Field(256, ge=1, description="Cells per contiguous read from backed files.")
     layer: str | None = Field(None, description="Matrix to read (default: the count contract's choice).")
+    gene_panel: str = Field(
+        "scfoundation",
+        description=(
+            "'scfoundation' = the 19,264 official genes (compatible with the released weights); 'data' = the "
+            "panel genes present in the training data, in panel order (a much cheaper decoder for small "
+            "studies); or a path to a file with one gene symbol per line."
+        ),
+    )
     gene_column: str | None = Field(None, description="var column with symbols/Ensembl IDs.")
     species: Literal["human", "mouse"] = Field("human", description="mouse genes are mapped via orthologs.")
     use_aliases: bool = Field(True, description="Map previous/alias symbols.")
@@ -116,6 +124,8 @@ def pretrain(
     data: Sequence[str | os.PathLike[str] | AnnData],
     out: str | os.PathLike[str],
     config: PretrainRunConfig | None = None,
+    *,
+    callbacks: Sequence[Any] = (),
 ) -> Path:
     """Read-depth-aware masked pretraining of scFoundation; returns ``RUN_DIR/model``.
 
@@ -123,23 +133,34 @@ def pretrain(
         data: ``.h5ad`` files (streamed from disk in backed mode) or in-memory AnnData objects, raw counts.
         out: the run directory. If it already holds a run, training resumes from its last checkpoint.
         config: run settings (preset, objective, optimiser, trainer); defaults to the tiny preset.
+        callbacks: extra Lightning callbacks (early stopping, custom logging, ...).
     """
     config = config or PretrainRunConfig()
+    if not data:
+        msg = "No training data given: pass one or more .h5ad files (or AnnData objects) with raw counts."
+        raise MsfmInputError(msg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    gene_kwargs = {"gene_column": config.gene_column, "species": config.species, "use_aliases": config.use_aliases}
+    panel = resolve_panel(config.gene_panel, data, layer=config.layer, **gene_kwargs)
     model_cfg = config.model_config_resolved()
-    panel = GenePanel.scfoundation()
     if model_cfg.num_genes != len(panel):
-        msg = f"Preset {config.preset} has num_genes={model_cfg.num_genes}, the panel has {len(panel)} genes."
-        raise MsfmInputError(msg)
+        model_cfg = model_cfg.model_copy(update={"num_genes": len(panel)})
+        logger.info("model sized for a %d-gene panel (%s)", len(panel), panel.name)
     stream = PanelRowStream(
-        list(data), panel, layer=config.layer, block_size=config.block_size, seed=config.trainer.seed,
-        gene_column=config.gene_column, species=config.species, use_aliases=config.use_aliases,
+        list(data), panel, layer=config.layer, block_size=config.block_size, seed=config.trainer.seed, **gene_kwargs
     )
     collate = PretrainCollator(config.objective, num_genes=model_cfg.num_genes, seed=config.trainer.seed)
+    skip = _resume_step(out) * config.trainer.accumulate
+    if skip:
+        logger.info("resuming: skipping the %d micro-batches per rank already trained on", skip)
+    batches = PretrainBatchStream(stream, collate, batch_size=config.batch_size, seed=config.trainer.seed,
+                                  skip_batches=skip)
+    # Its own generator: creating the loader's iterator then draws no seed from the global RNG, which the engine
+    # restores on resume (dropout), so a resumed run continues with the same random stream.
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=config.batch_size, collate_fn=_stack_rows(collate), num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0,
+        batches, batch_size=None, num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
+        generator=torch.Generator().manual_seed(config.trainer.seed),
     )
     torch.manual_seed(config.trainer.seed)
     model = ScFoundation(model_cfg)
@@ -148,23 +169,95 @@ def pretrain(
         family="scfoundation",
         config=model_cfg,
         gene_panel=list(panel.symbols),
+        gene_panel_name=panel.name,
         preprocessing=preprocessing_record(),
         get_state_dict=lambda: model.state_dict(),
         extra_meta={"source": "msfm-pretrain", "run_config": config.model_dump(mode="json"),
                     "gene_mapping": stream.mapping_reports()},
     )
-    trainer = build_trainer(config.trainer, out, callbacks=[export])
+    trainer = build_trainer(config.trainer, out, callbacks=[export, *callbacks])
     fit(trainer, module, loader, out, run_config=config.model_dump(mode="json"))
     return out / "model"
 
 
-def _stack_rows(collate: PretrainCollator):
-    import scipy.sparse as sp
+def resolve_panel(
+    choice: str, data: Sequence[str | os.PathLike[str] | AnnData], *, layer: str | None = None, **gene_kwargs: Any
+) -> GenePanel:
+    """The gene panel a new model is built for (see ``PretrainRunConfig.gene_panel``)."""
+    full = GenePanel.scfoundation()
+    if choice == "scfoundation":
+        return full
+    if choice != "data":
+        path = Path(choice)
+        if not path.exists():
+            msg = f"gene_panel={choice!r} is neither 'scfoundation', 'data' nor an existing gene-list file."
+            raise MsfmInputError(msg)
+        return GenePanel.from_file(path)
+    from msfm.data import harmonize_genes, read
 
-    def fn(rows: list[Any]) -> dict[str, torch.Tensor]:
-        return collate(sp.vstack(rows, format="csr"))
+    used = np.zeros(len(full), dtype=bool)
+    for src in data:
+        adata = src if isinstance(src, AnnData) else read(src, backed=Path(src).suffix == ".h5ad")
+        try:
+            mapping = harmonize_genes(adata.var, full, **gene_kwargs)
+        finally:
+            if not isinstance(src, AnnData) and adata.isbacked:
+                adata.file.close()
+        used[mapping.input_to_panel[mapping.input_to_panel >= 0]] = True
+    symbols = [full.symbols[i] for i in np.flatnonzero(used)]
+    return GenePanel.from_symbols(symbols, name=f"scfoundation-subset-{len(symbols)}")
 
-    return fn
+
+def _resume_step(run_dir: Path) -> int:
+    """Optimiser step stored in ``run_dir``'s ``last.ckpt`` (0 for a new run)."""
+    from msfm.engine.trainer import last_checkpoint
+
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is None:
+        return 0
+    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    return int(state.get("global_step", 0))
+
+
+class PretrainBatchStream(torch.utils.data.IterableDataset):
+    """Collated pretraining batches from a :class:`PanelRowStream`, reproducible across a resume.
+
+    The masks and downsampling of micro-batch ``k`` of shard ``s`` come from ``default_rng([seed, s, k])``,
+    and the row stream is deterministic, so a run resumed at step N (``skip_batches`` = N x accumulate)
+    sees exactly the batches an uninterrupted run would have seen from there on.
+    """
+
+    def __init__(self, rows: PanelRowStream, collate: PretrainCollator, *, batch_size: int, seed: int,
+                 skip_batches: int = 0) -> None:
+        super().__init__()
+        self.rows = rows
+        self.collate = collate
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.skip_batches = int(skip_batches)
+
+    def __iter__(self):
+        import scipy.sparse as sp
+
+        from msfm.data.stream import _dist_rank_world
+
+        rank, world = _dist_rank_world()
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shard = rank * n_workers + worker
+        # The DataLoader takes batches from its workers in turn: worker w produced every n-th of them.
+        skip = max(0, -(-(self.skip_batches - worker) // n_workers))
+        buf: list[Any] = []
+        k = 0
+        for row in self.rows:
+            buf.append(row)
+            if len(buf) < self.batch_size:
+                continue
+            if k >= skip:
+                rng = np.random.default_rng([self.seed, shard, k])
+                yield self.collate(sp.vstack(buf, format="csr"), rng=rng)
+            k += 1
+            buf = []
 
 
 # ----------------------------------------------------------------------------------------------------------

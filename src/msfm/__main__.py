@@ -1,0 +1,5 @@
+"""python -m msfm"""
+
+from msfm.cli import main
+
+main()
