@@ -13,7 +13,6 @@ Everything is written to ``OUT/report.md`` with PNG figures and ``OUT/metrics.js
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -25,7 +24,9 @@ import scipy.sparse as sp
 logger = logging.getLogger(__name__)
 
 
-def _pca(counts: sp.spmatrix | np.ndarray, n_comps: int = 50, *, log_normalize: bool = True, seed: int = 0) -> np.ndarray:
+def _pca(
+    counts: sp.spmatrix | np.ndarray, n_comps: int = 50, *, log_normalize: bool = True, seed: int = 0
+) -> np.ndarray:
     """PCA baseline on log1p(CP10k) (or on values as given)."""
     from sklearn.decomposition import PCA
 
@@ -91,10 +92,18 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> Path:
     # 1. pretrain ------------------------------------------------------------------------------------------
     steps = 40 if quick else 1200
     cfg = PretrainRunConfig(preset="scfoundation-tiny").with_overrides(
-        {"max_steps": steps, "batch_size": 8, "lr": 2e-3, "warmup_steps": max(1, steps // 20), "seed": seed,
-         "accelerator": "cpu", "devices": 1, "checkpoint_every_n_steps": max(10, steps // 5),
-         # The 738 panel genes this dataset has: the decoder then spans 740 positions instead of 19,266.
-         "gene_panel": "data"},
+        {
+            "max_steps": steps,
+            "batch_size": 8,
+            "lr": 2e-3,
+            "warmup_steps": max(1, steps // 20),
+            "seed": seed,
+            "accelerator": "cpu",
+            "devices": 1,
+            "checkpoint_every_n_steps": max(10, steps // 5),
+            # The 738 panel genes this dataset has: the decoder then spans 740 positions instead of 19,266.
+            "gene_panel": "data",
+        },
         progress_bar=True,
     )
     t0 = time.perf_counter()
@@ -112,33 +121,53 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> Path:
         "scFoundation-tiny": _scores(_standardize(x_sf), labels, n_labels, seed),
     }
     u_pca, u_sf = _umap(x_pca, seed), _umap(_standardize(x_sf), seed)
-    embedding_panels([u_pca, u_sf], ["PCA baseline", "scFoundation-tiny (pretrained here)"], labels,
-                     save=fig_dir / "umap_by_label.png")
-    metric_bars(clustering, title="Clustering vs labels (Leiden, k = #labels)", save=fig_dir / "clustering.png")
+    embedding_panels(
+        [u_pca, u_sf],
+        ["PCA baseline", "scFoundation-tiny (pretrained here)"],
+        labels,
+        save=fig_dir / "umap_by_label.png",
+    )
+    metric_bars(
+        clustering, title="Clustering vs labels (Leiden, k = #labels)", save=fig_dir / "clustering.png"
+    )
 
     # 3. read-depth enhancement ----------------------------------------------------------------------------
     t0 = time.perf_counter()
     rate = 0.2
-    low = ad.AnnData(X=_thin(counts, rate, seed + 1), obs=adata.obs[["cell_type"]].copy(), var=adata.var[[]].copy())
+    low = ad.AnnData(
+        X=_thin(counts, rate, seed + 1), obs=adata.obs[["cell_type"]].copy(), var=adata.var[[]].copy()
+    )
     low.layers["counts"] = low.X.copy()
     # T = log10 of the original depth: S + log10(1 / rate).
     enhance(low, ckpt, target_depth=f"a{np.log10(1 / rate):.4f}", batch_size=16, device="cpu", progress=False)
     embed(low, ckpt, batch_size=64, device="cpu", target_depth="f1", progress=False, key_added="X_sf_low")
-    embed(low, ckpt, batch_size=64, device="cpu", target_depth=f"a{np.log10(1 / rate):.4f}", progress=False,
-          key_added="X_sf_low_enhanced")
+    embed(
+        low,
+        ckpt,
+        batch_size=64,
+        device="cpu",
+        target_depth=f"a{np.log10(1 / rate):.4f}",
+        progress=False,
+        key_added="X_sf_low_enhanced",
+    )
     timings["enhance_s"] = time.perf_counter() - t0
     enhanced = low.layers["scfoundation_enhanced"]
     mapped = low.var["scfoundation_enhanced_mapped"].to_numpy()
     enhancement = {
         "full depth, PCA": clustering["PCA (50 PCs)"],
         "20% depth, PCA": _scores(_pca(low.X, seed=seed), labels, n_labels, seed),
-        "20% depth, enhanced expr., PCA": _scores(_pca(enhanced[:, mapped], log_normalize=False, seed=seed), labels,
-                                                  n_labels, seed),
+        "20% depth, enhanced expr., PCA": _scores(
+            _pca(enhanced[:, mapped], log_normalize=False, seed=seed), labels, n_labels, seed
+        ),
         "20% depth, emb. T=S": _scores(_standardize(low.obsm["X_sf_low"]), labels, n_labels, seed),
-        "20% depth, emb. T=full": _scores(_standardize(low.obsm["X_sf_low_enhanced"]), labels, n_labels, seed),
+        "20% depth, emb. T=full": _scores(
+            _standardize(low.obsm["X_sf_low_enhanced"]), labels, n_labels, seed
+        ),
     }
     fidelity = _fidelity(counts[:, mapped], low.X[:, mapped], enhanced[:, mapped])
-    metric_bars(enhancement, title="Read-depth enhancement: cells at 20% depth", save=fig_dir / "enhancement.png")
+    metric_bars(
+        enhancement, title="Read-depth enhancement: cells at 20% depth", save=fig_dir / "enhancement.png"
+    )
 
     curve = _training_curve(out / "pretrain_run")
     if curve is not None:
@@ -147,9 +176,14 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> Path:
     timings["total_s"] = time.perf_counter() - t_start
     metrics: dict[str, Any] = {
         "dataset": adata.uns.get("dataset", {}).get("name", "pbmc68k"),
-        "n_cells": int(adata.n_obs), "n_labels": n_labels, "pretrain_steps": steps,
-        "clustering": clustering, "enhancement_clustering": enhancement, "enhancement_fidelity": fidelity,
-        "gene_mapping": adata.uns["scfoundation"]["gene_mapping"], "timings": timings,
+        "n_cells": int(adata.n_obs),
+        "n_labels": n_labels,
+        "pretrain_steps": steps,
+        "clustering": clustering,
+        "enhancement_clustering": enhancement,
+        "enhancement_fidelity": fidelity,
+        "gene_mapping": adata.uns["scfoundation"]["gene_mapping"],
+        "timings": timings,
     }
     atomic_write_json(out / "metrics.json", metrics)
     report = out / "report.md"
@@ -180,8 +214,10 @@ def _fidelity(full: sp.spmatrix, low: sp.spmatrix, enhanced: np.ndarray) -> dict
         return float(np.mean(r))
 
     return {
-        "pearson_low_vs_full": mean_r(lo, f), "pearson_enhanced_vs_full": mean_r(en, f),
-        "mae_low_vs_full": float(np.abs(lo - f).mean()), "mae_enhanced_vs_full": float(np.abs(en - f).mean()),
+        "pearson_low_vs_full": mean_r(lo, f),
+        "pearson_enhanced_vs_full": mean_r(en, f),
+        "mae_low_vs_full": float(np.abs(lo - f).mean()),
+        "mae_enhanced_vs_full": float(np.abs(en - f).mean()),
     }
 
 
@@ -202,7 +238,8 @@ def _training_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
 def _table(rows: dict[str, dict[str, float]], cols: tuple[str, ...] = ("ari", "nmi")) -> str:
     head = "| method | " + " | ".join(c.upper() for c in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
     return head + "".join(
-        f"| {k} | " + " | ".join(f"{v.get(c, float('nan')):.3f}" for c in cols) + " |\n" for k, v in rows.items()
+        f"| {k} | " + " | ".join(f"{v.get(c, float('nan')):.3f}" for c in cols) + " |\n"
+        for k, v in rows.items()
     )
 
 

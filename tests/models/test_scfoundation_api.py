@@ -10,8 +10,8 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from safetensors.numpy import load_file
 from safetensors import safe_open
+from safetensors.numpy import load_file
 
 from msfm.errors import MsfmInputError
 from msfm.models.scfoundation import api
@@ -50,12 +50,15 @@ def _embed(cells, ckpt, **kw):
     return out
 
 
-@pytest.mark.parametrize(("target", "pool", "key"), [
-    ("t4", "all", "cell_emb.all.t4"),
-    ("a5", "all", "cell_emb.all.a5"),
-    ("f1", "all", "cell_emb.all.f1"),
-    ("t4", "max", "cell_emb.max.t4"),
-])
+@pytest.mark.parametrize(
+    ("target", "pool", "key"),
+    [
+        ("t4", "all", "cell_emb.all.t4"),
+        ("a5", "all", "cell_emb.all.a5"),
+        ("f1", "all", "cell_emb.all.f1"),
+        ("t4", "max", "cell_emb.max.t4"),
+    ],
+)
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_embed_matches_official_outputs(cells, ckpts, io, target, pool, key, batch_size):
     out = _embed(cells, ckpts["cell"], target_depth=target, pool=pool, batch_size=batch_size)
@@ -74,16 +77,28 @@ def test_embed_aliases_change_input_and_are_reported(cells, ckpts):
 def test_enhance_matches_official_gene_expression(cells, ckpts, io):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = api.enhance(cells, ckpts["gene"], target_depth="t4", copy=True, progress=False, use_aliases=False,
-                          batch_size=3, device="cpu")
+        out = api.enhance(
+            cells,
+            ckpts["gene"],
+            target_depth="t4",
+            copy=True,
+            progress=False,
+            use_aliases=False,
+            batch_size=3,
+            device="cpu",
+        )
     from msfm.data import GenePanel
 
     panel = GenePanel.scfoundation()
     index = {s: i for i, s in enumerate(panel.symbols)}
     mapped = out.var["scfoundation_enhanced_mapped"].to_numpy()
     cols = np.array([index[g] for g in out.var_names[mapped]])
-    np.testing.assert_allclose(out.layers["scfoundation_enhanced"][:, mapped], io["gene_expression.t4"][:, cols],
-                               atol=ATOL, rtol=ATOL)
+    np.testing.assert_allclose(
+        out.layers["scfoundation_enhanced"][:, mapped],
+        io["gene_expression.t4"][:, cols],
+        atol=ATOL,
+        rtol=ATOL,
+    )
     assert not out.layers["scfoundation_enhanced"][:, ~mapped].any()
     assert "counts" not in out.layers or out.layers["counts"] is not None
 
@@ -95,10 +110,19 @@ def test_gene_embeddings_memory_and_disk(cells, ckpts, io, tmp_path):
     idx = [GenePanel.scfoundation().symbols.index(g) for g in genes]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        arr = api.gene_embeddings(cells, ckpts["gene"], genes=genes, cells=[1, 0], progress=False,
-                                  use_aliases=False, device="cpu")
-        path = api.gene_embeddings(cells, ckpts["gene"], genes=genes, cells=[cells.obs_names[0], cells.obs_names[1]],
-                                   out=tmp_path / "g.h5", progress=False, use_aliases=False, device="cpu")
+        arr = api.gene_embeddings(
+            cells, ckpts["gene"], genes=genes, cells=[1, 0], progress=False, use_aliases=False, device="cpu"
+        )
+        path = api.gene_embeddings(
+            cells,
+            ckpts["gene"],
+            genes=genes,
+            cells=[cells.obs_names[0], cells.obs_names[1]],
+            out=tmp_path / "g.h5",
+            progress=False,
+            use_aliases=False,
+            device="cpu",
+        )
     expected = io["gene_emb.t4"][:, idx]
     np.testing.assert_allclose(arr, expected[[1, 0]], atol=ATOL, rtol=ATOL)
     import h5py
@@ -112,7 +136,7 @@ def test_gene_embeddings_memory_and_disk(cells, ckpts, io, tmp_path):
 def test_gene_embeddings_errors(cells, ckpts):
     with pytest.raises(MsfmInputError, match="not in the model's gene panel"):
         api.gene_embeddings(cells, ckpts["gene"], genes=["NOT_A_GENE"], progress=False)
-    with pytest.raises(MsfmInputError, match="out='file.h5'"):
+    with pytest.raises(MsfmInputError, match=r"out='file\.h5'"):
         api.gene_embeddings(cells, ckpts["gene"], progress=False, max_in_memory_gb=0.0001)
     with pytest.raises(MsfmInputError, match="not found in obs_names"):
         api.gene_embeddings(cells, ckpts["gene"], genes=["CD3E"], cells=["nope"], progress=False)
@@ -172,7 +196,7 @@ def test_pre_normalized_warns_and_runs(cells, ckpts):
     norm = cells.copy()
     x = norm.X.toarray()
     norm.X = sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4))
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="pre_normalized=True"):
         api.embed(norm, ckpts["cell"], pre_normalized=True, progress=False)
     assert np.isfinite(norm.obsm["X_scfoundation"]).all()
 

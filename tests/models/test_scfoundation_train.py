@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -41,9 +40,18 @@ def pbmc_file(pbmc, tmp_path_factory) -> Path:
 
 
 def _cfg(steps: int, **extra) -> PretrainRunConfig:
-    base = {"max_steps": steps, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "accelerator": "cpu", "devices": 1,
-            "checkpoint_every_n_steps": 2, "gene_panel": "data", "block_size": 64,
-            "log_every_n_steps": 1}
+    base = {
+        "max_steps": steps,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "accelerator": "cpu",
+        "devices": 1,
+        "checkpoint_every_n_steps": 2,
+        "gene_panel": "data",
+        "block_size": 64,
+        "log_every_n_steps": 1,
+    }
     base.update(extra)
     return PretrainRunConfig().with_overrides(base, progress_bar=False)
 
@@ -92,7 +100,9 @@ def test_resume_after_kill_equals_uninterrupted(pbmc_file, tmp_path):
 
 
 def test_pretrain_full_panel_one_step(pbmc, tmp_path):
-    model_dir = pretrain([pbmc[:8].copy()], tmp_path / "run", _cfg(1, gene_panel="scfoundation", batch_size=2))
+    model_dir = pretrain(
+        [pbmc[:8].copy()], tmp_path / "run", _cfg(1, gene_panel="scfoundation", batch_size=2)
+    )
     assert load_checkpoint(model_dir).config["num_genes"] == 19264
 
 
@@ -116,7 +126,8 @@ def test_pretrain_config_errors(tmp_path, pbmc):
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("preset: scfoundation-tiny\nbatch_size: 3\ntrainer:\n  max_steps: 2\n")
     cfg = PretrainRunConfig.from_file(cfg_file)
-    assert cfg.batch_size == 3 and cfg.trainer.max_steps == 2
+    assert cfg.batch_size == 3
+    assert cfg.trainer.max_steps == 2
 
 
 @pytest.mark.distributed
@@ -135,8 +146,14 @@ def test_pretrain_two_process_ddp_cpu(pbmc_file, tmp_path):
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONWARNINGS": "ignore"}
     src = str(Path(msfm.__file__).parents[1])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(script), str(pbmc_file), str(tmp_path / "run")], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(pbmc_file), str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_checkpoint(tmp_path / "run" / "model").meta["extra"]["global_step"] == 3
 
@@ -150,12 +167,27 @@ def test_finetune_and_predict_on_real_labels(pbmc, tmp_path):
     panel = resolve_panel("data", [pbmc])
     cfg = get_preset_config("scfoundation-tiny").model_copy(update={"num_genes": len(panel)})
     torch.manual_seed(0)
-    backbone = save_checkpoint(tmp_path / "bb", family="scfoundation", config=cfg,
-                               state_dict=ScFoundation(cfg).state_dict(), gene_panel=list(panel.symbols),
-                               preprocessing=preprocessing_record())
+    backbone = save_checkpoint(
+        tmp_path / "bb",
+        family="scfoundation",
+        config=cfg,
+        state_dict=ScFoundation(cfg).state_dict(),
+        gene_panel=list(panel.symbols),
+        preprocessing=preprocessing_record(),
+    )
     train = pbmc[:200].copy()
-    clf = fit_classifier(train, backbone, labels_key="cell_type", out=tmp_path / "clf", mode="partial",
-                         max_epochs=8, batch_size=32, lr=3e-3, accelerator="cpu", progress=False)
+    clf = fit_classifier(
+        train,
+        backbone,
+        labels_key="cell_type",
+        out=tmp_path / "clf",
+        mode="partial",
+        max_epochs=8,
+        batch_size=32,
+        lr=3e-3,
+        accelerator="cpu",
+        progress=False,
+    )
     predict_cell_types(train, clf, device="cpu")
     pred = train.obs["scfoundation_cell_type"].astype(str).to_numpy()
     truth = train.obs["cell_type"].astype(str).to_numpy()

@@ -53,8 +53,9 @@ def encoder_flops(lengths: np.ndarray, dim: int, depth: int, num_bins: int = 100
     return float(np.sum(depth * per_layer + emb))
 
 
-def matmul_rate(dtype: torch.dtype, device: torch.device, *, m: int = 4096, k: int = 768, n: int = 3072,
-                repeats: int = 8) -> float:
+def matmul_rate(
+    dtype: torch.dtype, device: torch.device, *, m: int = 4096, k: int = 768, n: int = 3072, repeats: int = 8
+) -> float:
     """Best-of-``repeats`` FLOP/s of an ``[m,k] @ [k,n]`` matmul (the FFN shape of the 100M encoder)."""
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(k, n, device=device, dtype=dtype)
@@ -94,8 +95,9 @@ def _build(preset: str, device: torch.device):
     cfg = get_preset_config(preset)
     torch.manual_seed(0)
     model = ScFoundation(cfg).to(device).eval()
-    return LoadedModel(model=model, config=cfg, panel=GenePanel.scfoundation(), meta={}, path=Path("<random>"),
-                       device=device)
+    return LoadedModel(
+        model=model, config=cfg, panel=GenePanel.scfoundation(), meta={}, path=Path("<random>"), device=device
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,24 +125,47 @@ def _worker_speed(args: dict[str, Any]) -> dict[str, Any]:
         elapsed = time.perf_counter() - t0
     else:
         # warm-up on a few cells (allocator, oneDNN kernel selection), not timed
-        embed_source(loaded, source, mapping, rows=np.arange(min(8, source.n_obs)), batch_size=args["batch_size"],
-                     precision=args["precision"], progress=False)
+        embed_source(
+            loaded,
+            source,
+            mapping,
+            rows=np.arange(min(8, source.n_obs)),
+            batch_size=args["batch_size"],
+            precision=args["precision"],
+            progress=False,
+        )
         _sync(device)
         t0 = time.perf_counter()
-        emb, _ = embed_source(loaded, source, mapping, batch_size=args["batch_size"], precision=args["precision"],
-                              progress=False, max_tokens=args.get("max_tokens"))
+        emb, _ = embed_source(
+            loaded,
+            source,
+            mapping,
+            batch_size=args["batch_size"],
+            precision=args["precision"],
+            progress=False,
+            max_tokens=args.get("max_tokens"),
+        )
         _sync(device)
         elapsed = time.perf_counter() - t0
     if lengths is None:
         panel = mapping.apply(source.rows(np.arange(source.n_obs)))
         lengths = np.diff(panel.indptr) + 2
-    flops = encoder_flops(lengths, loaded.config.encoder_dim, loaded.config.encoder_depth, loaded.config.num_bins)
+    flops = encoder_flops(
+        lengths, loaded.config.encoder_dim, loaded.config.encoder_depth, loaded.config.num_bins
+    )
     out = {
-        "preset": args["preset"], "mode": mode, "precision": args.get("precision", "32"),
-        "batch_size": args.get("batch_size", 1), "n_cells": int(source.n_obs), "seconds": elapsed,
-        "cells_per_s": source.n_obs / elapsed, "mean_tokens": float(np.mean(lengths)),
-        "encoder_gflop_per_cell": flops / source.n_obs / 1e9, "achieved_gflops": flops / elapsed / 1e9,
-        "peak_rss_mb": _peak_rss_mb(), "threads": torch.get_num_threads(),
+        "preset": args["preset"],
+        "mode": mode,
+        "precision": args.get("precision", "32"),
+        "batch_size": args.get("batch_size", 1),
+        "n_cells": int(source.n_obs),
+        "seconds": elapsed,
+        "cells_per_s": source.n_obs / elapsed,
+        "mean_tokens": float(np.mean(lengths)),
+        "encoder_gflop_per_cell": flops / source.n_obs / 1e9,
+        "achieved_gflops": flops / elapsed / 1e9,
+        "peak_rss_mb": _peak_rss_mb(),
+        "threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -150,26 +175,34 @@ def _worker_speed(args: dict[str, Any]) -> dict[str, Any]:
 
 @torch.inference_mode()
 def _official_style_loop(loaded: Any, source: Any, mapping: Any) -> tuple[np.ndarray, np.ndarray]:
-    """One cell at a time, as the official script does: dense vector, ``> 0`` gather, batch of one, fp32."""
+    """One cell at a time, the way the official ``get_embedding.py`` runs (re-implemented, not copied).
+
+    Per cell: a dense 19,264-value row, normalised in float64 and turned into a Python list, a tensor of
+    ``list + [T, S]``, the "stable gather" of values > 0 by adding descending offsets and ``topk``, value +
+    gene embeddings, the encoder at batch size 1 and the S/T/max/mean pooling by fixed offsets. fp32.
+    """
     model, device = loaded.model, loaded.device
     g = loaded.config.num_genes
     out = []
     lengths = []
+    offsets = torch.arange(g + 2, 0, -1, dtype=torch.float32, device=device) * 20000.0
     for i in range(source.n_obs):
         row = mapping.apply(source.rows(np.array([i]))).toarray()[0].astype(np.float64)  # dense 19,264
         total = row.sum()
-        x = np.log1p(row / total * 1e4)
-        s = np.log10(total)
-        vec = np.concatenate([x, [4.0, s]])  # t4, as the official default
-        t = torch.tensor(vec, dtype=torch.float32, device=device)[None]
-        keep = t > 0
-        values = t[keep][None]
-        ids = torch.arange(g + 2, device=device)[None].expand_as(t)[keep][None]
-        pad = torch.zeros_like(values, dtype=torch.bool)
-        hidden = model.encode(values, ids, pad)
-        emb = model.pool_cell_embedding(hidden, ids, pad, mode="all")
+        values = np.log1p(row / total * 1e4).tolist()
+        x = torch.tensor([*values, 4.0, float(np.log10(total))], device=device)[None].float()  # t4
+        labels = x > 0
+        n = int(labels.sum())
+        score = torch.where(labels, offsets, torch.tensor(-float("inf"), device=device))
+        idx = score.topk(n, dim=1).indices  # positions with a value, in ascending position order
+        vals = torch.gather(x, 1, idx)
+        pad = torch.zeros_like(vals, dtype=torch.bool)
+        hidden = model.encode(vals, idx, pad)
+        emb = torch.cat(
+            [hidden[:, -1], hidden[:, -2], hidden[:, :-2].max(1).values, hidden[:, :-2].mean(1)], dim=1
+        )
         out.append(emb.float().cpu().numpy()[0])
-        lengths.append(values.shape[1])
+        lengths.append(n)
     return np.stack(out), np.asarray(lengths)
 
 
@@ -180,8 +213,14 @@ def _worker_rss(args: dict[str, Any]) -> dict[str, Any]:
     loaded = _build(args["preset"], torch.device("cpu"))
     ckpt = Path(args["tmp"]) / "ckpt"
     if not ckpt.exists():
-        save_checkpoint(ckpt, family="scfoundation", config=loaded.config, state_dict=loaded.model.state_dict(),
-                        gene_panel=list(loaded.panel.symbols), preprocessing=preprocessing_record())
+        save_checkpoint(
+            ckpt,
+            family="scfoundation",
+            config=loaded.config,
+            state_dict=loaded.model.state_dict(),
+            gene_panel=list(loaded.panel.symbols),
+            preprocessing=preprocessing_record(),
+        )
     base = _peak_rss_mb()
     t0 = time.perf_counter()
     out = Path(args["tmp"]) / f"out_{args['n_cells']}.h5ad"
@@ -189,8 +228,14 @@ def _worker_rss(args: dict[str, Any]) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     size = out.stat().st_size
     out.unlink()
-    return {"n_cells": args["n_cells"], "seconds": elapsed, "cells_per_s": args["n_cells"] / elapsed,
-            "peak_rss_mb": _peak_rss_mb(), "rss_before_embed_mb": base, "output_mb": size / 2**20}
+    return {
+        "n_cells": args["n_cells"],
+        "seconds": elapsed,
+        "cells_per_s": args["n_cells"] / elapsed,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_before_embed_mb": base,
+        "output_mb": size / 2**20,
+    }
 
 
 def _run_worker(kind: str, args: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -216,8 +261,13 @@ def _cos(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"min": float(c.min()), "mean": float(c.mean())}
 
 
-def run_benchmarks(out: str | os.PathLike[str], *, quick: bool = False, device: str = "auto",
-                   sections: list[str] | None = None) -> dict[str, Any]:
+def run_benchmarks(
+    out: str | os.PathLike[str],
+    *,
+    quick: bool = False,
+    device: str = "auto",
+    sections: list[str] | None = None,
+) -> dict[str, Any]:
     """Run the selected sections and write ``out/scfoundation.json``; returns the results."""
     from msfm.engine.device import resolve_device
     from msfm.engine.io import atomic_write_json
@@ -228,8 +278,14 @@ def run_benchmarks(out: str | os.PathLike[str], *, quick: bool = False, device: 
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="msfm-bench-"))
     results: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(dev)},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(dev),
+        },
         "quick": quick,
     }
     if dev.type == "cuda":
@@ -242,7 +298,11 @@ def run_benchmarks(out: str | os.PathLike[str], *, quick: bool = False, device: 
         }
     if "speed" in sections:
         plans = {
-            "scfoundation-tiny": {"n_batched": 256 if quick else 700, "n_loop": 64 if quick else 200, "batch": 64},
+            "scfoundation-tiny": {
+                "n_batched": 256 if quick else 700,
+                "n_loop": 64 if quick else 200,
+                "batch": 64,
+            },
             "scfoundation-100m": {"n_batched": 8 if quick else 48, "n_loop": 4 if quick else 16, "batch": 16},
         }
         speed = []
@@ -254,16 +314,27 @@ def run_benchmarks(out: str | os.PathLike[str], *, quick: bool = False, device: 
                 ("batched", "bf16", p["n_batched"], p["batch"]),
             ):
                 emb_path = str(tmp / f"{preset}_{mode}_{precision}.npy")
-                r = _run_worker("speed", {"preset": preset, "mode": mode, "precision": precision, "n_cells": n,
-                                          "batch_size": bs, "device": str(dev), "emb_path": emb_path})
+                r = _run_worker(
+                    "speed",
+                    {
+                        "preset": preset,
+                        "mode": mode,
+                        "precision": precision,
+                        "n_cells": n,
+                        "batch_size": bs,
+                        "device": str(dev),
+                        "emb_path": emb_path,
+                    },
+                )
                 embs[(mode, precision)] = np.load(emb_path)
                 speed.append(r)
                 logger.info("%s", r)
             # same cells first: the loop ran on the first n_loop cells of the batched set
             n_loop = embs[("loop", "32")].shape[0]
             agree = {
-                "batched_fp32_vs_loop_max_abs": float(np.abs(embs[("batched", "32")][:n_loop]
-                                                             - embs[("loop", "32")]).max()),
+                "batched_fp32_vs_loop_max_abs": float(
+                    np.abs(embs[("batched", "32")][:n_loop] - embs[("loop", "32")]).max()
+                ),
                 "bf16_vs_fp32_cosine": _cos(embs[("batched", "bf16")], embs[("batched", "32")]),
             }
             results.setdefault("agreement", {})[preset] = agree
@@ -286,8 +357,11 @@ def run_benchmarks(out: str | os.PathLike[str], *, quick: bool = False, device: 
         for n in sizes:
             path = tmp / f"pbmc_{n}.h5ad"
             write_backed_h5ad(path, n, seed=0)
-            rss.append(_run_worker("rss", {"preset": "scfoundation-tiny", "n_cells": n, "data": str(path),
-                                           "tmp": str(tmp)}))
+            rss.append(
+                _run_worker(
+                    "rss", {"preset": "scfoundation-tiny", "n_cells": n, "data": str(path), "tmp": str(tmp)}
+                )
+            )
             path.unlink()
         results["rss"] = rss
     atomic_write_json(out / "scfoundation.json", results)

@@ -7,13 +7,17 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="scFoundation (xTrimoGene): cell/gene embeddings, read-depth enhancement, pretraining.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="scFoundation (xTrimoGene): cell/gene embeddings, read-depth enhancement, pretraining.",
+    no_args_is_help=True,
+)
 
 Checkpoint = Annotated[Path, typer.Option("--checkpoint", "-c", help="msfm checkpoint directory.")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
 Precision = Annotated[str, typer.Option(help="32 | bf16 | 16 (autocast)")]
-Layer = Annotated[str | None, typer.Option(help="Matrix to read (default: layers['counts'], else integer X).")]
+Layer = Annotated[
+    str | None, typer.Option(help="Matrix to read (default: layers['counts'], else integer X).")
+]
 PreNorm = Annotated[bool, typer.Option("--pre-normalized", help="Input is already log-normalised (warns).")]
 GeneColumn = Annotated[str | None, typer.Option(help="var column with gene symbols or Ensembl IDs.")]
 Species = Annotated[str, typer.Option(help="human | mouse (mouse genes mapped through orthologs).")]
@@ -63,9 +67,20 @@ def embed(
     from msfm.models.scfoundation.api import embed_file
 
     path = embed_file(
-        data, out, checkpoint, key_added=key_added, overwrite=overwrite, target_depth=target_depth, pool=pool,
-        batch_size=batch_size, device=device, precision=precision, layer=layer, pre_normalized=pre_normalized,
-        progress=not quiet, **_gene_kwargs(gene_column, species, no_aliases),
+        data,
+        out,
+        checkpoint,
+        key_added=key_added,
+        overwrite=overwrite,
+        target_depth=target_depth,
+        pool=pool,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        layer=layer,
+        pre_normalized=pre_normalized,
+        progress=not quiet,
+        **_gene_kwargs(gene_column, species, no_aliases),
     )
     typer.echo(f"wrote {path}")
 
@@ -75,7 +90,9 @@ def enhance(
     data: Annotated[Path, typer.Argument(help="Input cells (.h5ad, 10x, .csv)")],
     checkpoint: Checkpoint,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad")],
-    target_depth: Annotated[str, typer.Option(help="Target depth above the source: aY (S+Y) | fX | tN")] = "a1",
+    target_depth: Annotated[
+        str, typer.Option(help="Target depth above the source: aY (S+Y) | fX | tN")
+    ] = "a1",
     batch_size: Annotated[int, typer.Option(help="Cells per decoder batch.")] = 8,
     device: Device = "auto",
     precision: Precision = "32",
@@ -99,11 +116,19 @@ def enhance(
         raise MsfmInputError(msg)
     adata = read(data)
     _enhance(
-        adata, checkpoint, target_depth=target_depth, batch_size=batch_size, device=device, precision=precision,
-        layer=layer, pre_normalized=pre_normalized, key_added=key_added, progress=not quiet,
+        adata,
+        checkpoint,
+        target_depth=target_depth,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        layer=layer,
+        pre_normalized=pre_normalized,
+        key_added=key_added,
+        progress=not quiet,
         **_gene_kwargs(gene_column, species, no_aliases),
     )
-    write_h5ad_atomic(adata, out, input_paths=[data])
+    write_h5ad_atomic(adata, out, overwrite_input_guard=[data])
     typer.echo(f"wrote {out}")
 
 
@@ -112,7 +137,9 @@ def gene_embed(
     data: Annotated[Path, typer.Argument(help="Input cells")],
     checkpoint: Checkpoint,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output HDF5 (embeddings [cells, genes, dim])")],
-    genes: Annotated[str | None, typer.Option(help="Comma-separated panel symbols (default: all 19,264).")] = None,
+    genes: Annotated[
+        str | None, typer.Option(help="Comma-separated panel symbols (default: all 19,264).")
+    ] = None,
     cells: Annotated[str | None, typer.Option(help="Comma-separated obs names (default: all).")] = None,
     target_depth: Annotated[str, typer.Option(help="tN | aY | fX")] = "t4",
     batch_size: Annotated[int, typer.Option(help="Cells per decoder batch.")] = 4,
@@ -133,9 +160,18 @@ def gene_embed(
         raise MsfmInputError(msg)
     adata = read(data)
     path = gene_embeddings(
-        adata, checkpoint, genes=genes.split(",") if genes else None, cells=cells.split(",") if cells else None,
-        out=out, target_depth=target_depth, batch_size=batch_size, device=device, precision=precision,
-        layer=layer, pre_normalized=pre_normalized, progress=not quiet,
+        adata,
+        checkpoint,
+        genes=genes.split(",") if genes else None,
+        cells=cells.split(",") if cells else None,
+        out=out,
+        target_depth=target_depth,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        layer=layer,
+        pre_normalized=pre_normalized,
+        progress=not quiet,
     )
     typer.echo(f"wrote {path}")
 
@@ -144,7 +180,9 @@ def gene_embed(
 def pretrain(
     data: Annotated[list[Path], typer.Argument(help="One or more .h5ad files (read backed, streamed).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (resumes if it holds a run).")],
-    preset: Annotated[str, typer.Option(help="scfoundation-tiny | scfoundation-100m | ...")] = "scfoundation-tiny",
+    preset: Annotated[
+        str, typer.Option(help="scfoundation-tiny | scfoundation-100m | ...")
+    ] = "scfoundation-tiny",
     config: Annotated[Path | None, typer.Option(help="YAML/JSON with PretrainRunConfig fields.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimiser steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Cells per device per micro-step.")] = None,
@@ -157,16 +195,37 @@ def pretrain(
     accumulate: Annotated[int | None, typer.Option(help="Gradient accumulation steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
     num_workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    gene_panel: Annotated[
+        str | None,
+        typer.Option(
+            help="scfoundation (19,264 genes) | data (panel genes present in DATA) | path to a gene list"
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Save last.ckpt and model/ every N steps.")
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Read-depth-aware masked pretraining (our own implementation; none is released upstream)."""
-    from msfm.models.scfoundation.train import PretrainRunConfig, pretrain as _pretrain
+    from msfm.models.scfoundation.train import PretrainRunConfig
+    from msfm.models.scfoundation.train import pretrain as _pretrain
 
     cfg = PretrainRunConfig.from_file(config) if config else PretrainRunConfig(preset=preset)
     overrides = {
-        "preset": preset if config is None else None, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
-        "accelerator": accelerator, "devices": devices, "strategy": strategy, "num_nodes": num_nodes,
-        "precision": precision, "accumulate": accumulate, "seed": seed, "num_workers": num_workers,
+        "preset": preset if config is None else None,
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "accelerator": accelerator,
+        "devices": devices,
+        "strategy": strategy,
+        "num_nodes": num_nodes,
+        "precision": precision,
+        "accumulate": accumulate,
+        "seed": seed,
+        "num_workers": num_workers,
+        "gene_panel": gene_panel,
+        "checkpoint_every_n_steps": checkpoint_every,
     }
     cfg = cfg.with_overrides({k: v for k, v in overrides.items() if v is not None}, progress_bar=not quiet)
     path = _pretrain([str(p) for p in data], out, cfg)
@@ -179,7 +238,9 @@ def fit(
     checkpoint: Checkpoint,
     labels_key: Annotated[str, typer.Option(help="obs column with the labels.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Classifier directory to write.")],
-    mode: Annotated[str, typer.Option(help="linear (frozen backbone) | partial (unfreeze a layer) | full")] = "linear",
+    mode: Annotated[
+        str, typer.Option(help="linear (frozen backbone) | partial (unfreeze a layer) | full")
+    ] = "linear",
     max_epochs: Annotated[int, typer.Option(help="Epochs.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Cells per batch.")] = 32,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
@@ -193,8 +254,17 @@ def fit(
 
     adata = read(data)
     path = fit_classifier(
-        adata, checkpoint, labels_key=labels_key, out=out, mode=mode, max_epochs=max_epochs, batch_size=batch_size,
-        lr=lr, accelerator=accelerator, seed=seed, progress=not quiet,
+        adata,
+        checkpoint,
+        labels_key=labels_key,
+        out=out,
+        mode=mode,
+        max_epochs=max_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        accelerator=accelerator,
+        seed=seed,
+        progress=not quiet,
     )
     typer.echo(f"wrote {path}")
 
@@ -220,5 +290,5 @@ def predict(
         raise MsfmInputError(msg)
     adata = read(data)
     predict_cell_types(adata, classifier, key_added=key_added, batch_size=batch_size, device=device)
-    write_h5ad_atomic(adata, out, input_paths=[data])
+    write_h5ad_atomic(adata, out, overwrite_input_guard=[data])
     typer.echo(f"wrote {out}")

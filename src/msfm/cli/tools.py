@@ -8,8 +8,12 @@ from typing import Annotated
 
 import typer
 
-datasets_app = typer.Typer(help="Real datasets bundled inside installed packages (offline).", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks that print numbers (recorded in docs/benchmarks.md).", no_args_is_help=True)
+datasets_app = typer.Typer(
+    help="Real datasets bundled inside installed packages (offline).", no_args_is_help=True
+)
+bench_app = typer.Typer(
+    help="Benchmarks that print numbers (recorded in docs/benchmarks.md).", no_args_is_help=True
+)
 
 
 @datasets_app.command("list")
@@ -17,8 +21,8 @@ def datasets_list() -> None:
     """List bundled datasets with their provenance."""
     from msfm.datasets import list_datasets
 
-    for entry in list_datasets():
-        typer.echo(json.dumps(entry, default=str))
+    for name, info in list_datasets().items():
+        typer.echo(json.dumps({"name": name, **info}, default=str))
 
 
 @datasets_app.command("export")
@@ -31,18 +35,25 @@ def datasets_export(
     from msfm.engine.io import write_h5ad_atomic
     from msfm.errors import MsfmInputError
 
-    loader = getattr(ds, name, None)
-    if loader is None or name.startswith("_") or name == "list_datasets":
-        names = [d["name"] for d in ds.list_datasets()]
-        msg = f"Unknown dataset {name!r}; available: {names}."
+    available = ds.list_datasets()
+    if name not in available:
+        msg = f"Unknown dataset {name!r}; available: {sorted(available)}."
         raise MsfmInputError(msg)
-    write_h5ad_atomic(loader(), out)
+    loader = getattr(ds, name)
+    try:
+        adata = loader()
+    except TypeError as err:
+        msg = f"Dataset {name!r} needs arguments ({available[name].get('function')}); use the Python API."
+        raise MsfmInputError(msg) from err
+    write_h5ad_atomic(adata, out)
     typer.echo(f"wrote {out}")
 
 
 @bench_app.command("scfoundation")
 def bench_scfoundation(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the JSON results.")] = Path("bench_out"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the JSON results.")] = Path(
+        "bench_out"
+    ),
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes (a smoke run, seconds).")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     sections: Annotated[str, typer.Option(help="Comma list: speed,flops,bf16,rss")] = "speed,flops,bf16,rss",
@@ -50,12 +61,16 @@ def bench_scfoundation(
     """Cells/s, peak memory, FLOP rate vs matmul rate, bf16 agreement, backed-file RSS."""
     from msfm.bench.scfoundation import run_benchmarks
 
-    results = run_benchmarks(out, quick=quick, device=device, sections=[s.strip() for s in sections.split(",")])
+    results = run_benchmarks(
+        out, quick=quick, device=device, sections=[s.strip() for s in sections.split(",")]
+    )
     typer.echo(json.dumps(results, indent=2, default=str))
 
 
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report and its figures.")] = Path("demo_out"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report and its figures.")] = Path(
+        "demo_out"
+    ),
     quick: Annotated[bool, typer.Option("--quick", help="Fewer steps (tests).")] = False,
 ) -> None:
     """The main job on bundled real PBMC data: pretrain tiny, embed, cluster, enhance, write a report."""

@@ -154,6 +154,36 @@ class MultiheadSelfAttention(nn.Module):
         if self.out_proj.bias is not None:
             nn.init.zeros_(self.out_proj.bias)
 
+    def forward_packed(self, x: Tensor, seq_lens: list[int]) -> Tensor:
+        """Self-attention over several sequences packed end to end, without padding.
+
+        The projections run once over all tokens (one large matmul, no compute spent on padding); only the
+        attention itself runs per sequence. This is the fast path for variable-length inputs on CPU, where
+        padded batches waste compute and masked attention falls back to slower kernels.
+
+        Args:
+            x: tokens of all sequences, concatenated.
+            seq_lens: length of each sequence (sums to ``N``).
+
+        Returns:
+            Attention output after ``out_proj``.
+
+        Shape:
+            - x: ``[N, d]``
+            - returns: ``[N, d]``
+        """
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)  # [h, N, dh]
+        p = self.dropout if self.training else 0.0
+        outs = []
+        start = 0
+        for n in seq_lens:
+            sl = slice(start, start + n)
+            outs.append(F.scaled_dot_product_attention(q[:, sl], k[:, sl], v[:, sl], dropout_p=p))
+            start += n
+        out = torch.cat(outs, dim=1).transpose(0, 1).reshape(x.shape[0], -1)
+        return self.out_proj(out)
+
     def forward(
         self,
         x: Tensor,

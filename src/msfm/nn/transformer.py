@@ -110,6 +110,19 @@ class TransformerEncoderLayer(nn.Module):
         x = self.norm1(x + self._attention(x, **attn_kwargs))
         return self.norm2(x + self._feed_forward(x))
 
+    def forward_packed(self, x: Tensor, seq_lens: list[int]) -> Tensor:
+        """Apply the layer to sequences packed end to end (see ``MultiheadSelfAttention.forward_packed``).
+
+        Shape:
+            - x: ``[N, d]`` (``N = sum(seq_lens)``)
+            - returns: ``[N, d]``
+        """
+        if self.norm_first:
+            x = x + self.dropout1(self.self_attn.forward_packed(self.norm1(x), seq_lens))
+            return x + self._feed_forward(self.norm2(x))
+        x = self.norm1(x + self.dropout1(self.self_attn.forward_packed(x, seq_lens)))
+        return self.norm2(x + self._feed_forward(x))
+
 
 class TransformerEncoder(nn.Module):
     """A stack of :class:`TransformerEncoderLayer` followed by an optional final LayerNorm.
@@ -190,3 +203,14 @@ class TransformerEncoder(nn.Module):
                 layer_idx=idx,
             )
         return x if self.norm is None else self.norm(x)
+
+    def forward_packed(self, x: Tensor, seq_lens: list[int]) -> Tensor:
+        """Run every layer on packed sequences, then the final norm.
+
+        Shape:
+            - x: ``[N, d]`` (``N = sum(seq_lens)``)
+            - returns: ``[N, d]``
+        """
+        for layer in self.layers:
+            x = layer.forward_packed(x, seq_lens)
+        return self.norm(x) if self.norm is not None else x

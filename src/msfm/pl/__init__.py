@@ -49,7 +49,9 @@ def embedding_panels(
     labels = np.asarray(labels).astype(str)
     cats = sorted(set(labels.tolist()))
     cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
-    fig, axes = plt.subplots(1, len(coords), figsize=(4.6 * len(coords) + (2.8 if legend else 0), 4.4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(coords), figsize=(4.6 * len(coords) + (2.8 if legend else 0), 4.4), squeeze=False
+    )
     for ax, xy, title in zip(axes[0], coords, titles):
         for i, c in enumerate(cats):
             m = labels == c
@@ -59,8 +61,15 @@ def embedding_panels(
         ax.set_yticks([])
     if legend:
         handles, names = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2.5,
-                   frameon=False)
+        fig.legend(
+            handles,
+            names,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=8,
+            markerscale=2.5,
+            frameon=False,
+        )
     fig.tight_layout()
     _save(fig, save)
     return fig
@@ -83,7 +92,14 @@ def metric_bars(
         vals = [table[k].get(m, np.nan) for k in methods]
         bars = ax.bar(x + (j - (len(metrics) - 1) / 2) * width, vals, width, label=m.upper())
         for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+            ax.text(
+                b.get_x() + b.get_width() / 2,
+                b.get_height(),
+                f"{v:.2f}",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     ax.set_xticks(x, methods, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_title(title, fontsize=10)
@@ -94,7 +110,11 @@ def metric_bars(
 
 
 def training_curve(
-    steps: np.ndarray, values: np.ndarray, *, ylabel: str = "loss", title: str = "",
+    steps: np.ndarray,
+    values: np.ndarray,
+    *,
+    ylabel: str = "loss",
+    title: str = "",
     save: str | os.PathLike[str] | None = None,
 ):
     """Line plot of a logged training metric."""

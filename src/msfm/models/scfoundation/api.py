@@ -79,8 +79,14 @@ def _uns_record(
     loaded: LoadedModel, mapping: GeneMapping, source: CellSource, params: dict[str, Any]
 ) -> dict[str, Any]:
     return {
-        "params": {k: (v if isinstance(v, str | int | float | bool) or v is None else str(v)) for k, v in params.items()},
-        "input": {"matrix": source.description if hasattr(source, "description") else source.kind, "kind": source.kind},
+        "params": {
+            k: (v if isinstance(v, str | int | float | bool) or v is None else str(v))
+            for k, v in params.items()
+        },
+        "input": {
+            "matrix": source.description if hasattr(source, "description") else source.kind,
+            "kind": source.kind,
+        },
         "checkpoint": {
             "path": str(loaded.path),
             "msfm_version": loaded.meta.get("msfm_version"),
@@ -162,13 +168,22 @@ def embed(
     adata.obsm[key_added] = emb
     adata.obs[ZERO_COUNT_COLUMN] = zero
     if zero.any():
-        logger.warning("%d cells have no counts on the gene panel; flagged in obs[%r].", zero.sum(), ZERO_COUNT_COLUMN)
+        logger.warning(
+            "%d cells have no counts on the gene panel; flagged in obs[%r].", zero.sum(), ZERO_COUNT_COLUMN
+        )
     adata.uns[UNS_KEY] = _uns_record(
         loaded,
         mapping,
         source,
-        {"task": "embed", "target_depth": target_depth, "pool": pool, "precision": precision, "key_added": key_added,
-         "pre_normalized": pre_normalized, "layer": layer},
+        {
+            "task": "embed",
+            "target_depth": target_depth,
+            "pool": pool,
+            "precision": precision,
+            "key_added": key_added,
+            "pre_normalized": pre_normalized,
+            "layer": layer,
+        },
     )
     return adata if copy else None
 
@@ -251,7 +266,7 @@ def embed_file(
     if data.suffix != ".h5ad":
         adata = read(data)
         embed(adata, checkpoint, key_added=key_added, **kwargs)
-        write_h5ad_atomic(adata, out, input_paths=[data])
+        write_h5ad_atomic(adata, out, overwrite_input_guard=[data])
         return out
 
     from msfm.engine.h5ad_stream import H5adResultWriter
@@ -264,7 +279,15 @@ def embed_file(
         TargetDepth.parse(target_depth)
         prep_keys = ("layer", "pre_normalized", "gene_column", "species", "use_aliases", "min_panel_fraction")
         source, mapping = prepare(adata, loaded.panel, **{k: kwargs[k] for k in prep_keys if k in kwargs})
-        run_keys = ("target_depth", "pool", "batch_size", "max_tokens", "precision", "pre_normalized", "progress")
+        run_keys = (
+            "target_depth",
+            "pool",
+            "batch_size",
+            "max_tokens",
+            "precision",
+            "pre_normalized",
+            "progress",
+        )
         run_kwargs = {k: kwargs[k] for k in run_keys if k in kwargs}
         dim = loaded.config.encoder_dim * (4 if pool == "all" else 1)
         with H5adResultWriter(data, out) as writer:
@@ -353,20 +376,36 @@ def enhance(
     input genes that map onto the panel; other genes are 0 and marked False in ``var[key_added + "_mapped"]``.
     """
     t = TargetDepth.parse(target_depth)
-    if t.mode == "a" and t.value <= 0 or t.mode == "f" and t.value <= 1:
-        logger.warning("target_depth=%s does not raise T above S; this is reconstruction, not enhancement.", target_depth)
+    if (t.mode == "a" and t.value <= 0) or (t.mode == "f" and t.value <= 1):
+        logger.warning(
+            "target_depth=%s does not raise T above S; this is reconstruction, not enhancement.", target_depth
+        )
     adata = adata.copy() if copy else adata
     loaded = load_model(checkpoint, device=device)
     source, mapping = prepare(
-        adata, loaded.panel, layer=layer, pre_normalized=pre_normalized, gene_column=gene_column,
-        species=species, use_aliases=use_aliases, min_panel_fraction=min_panel_fraction,
+        adata,
+        loaded.panel,
+        layer=layer,
+        pre_normalized=pre_normalized,
+        gene_column=gene_column,
+        species=species,
+        use_aliases=use_aliases,
+        min_panel_fraction=min_panel_fraction,
     )
     result = np.zeros((adata.n_obs, adata.n_vars), dtype=np.float32)
     src_cols = np.flatnonzero(mapping.input_to_panel >= 0)
     panel_cols = mapping.input_to_panel[src_cols]
     for rows, expr in _decode_batches(
-        loaded, source, mapping, target_depth=target_depth, batch_size=batch_size, precision=precision,
-        pre_normalized=pre_normalized, head=True, progress=progress, desc="scFoundation enhance",
+        loaded,
+        source,
+        mapping,
+        target_depth=target_depth,
+        batch_size=batch_size,
+        precision=precision,
+        pre_normalized=pre_normalized,
+        head=True,
+        progress=progress,
+        desc="scFoundation enhance",
     ):
         result[np.ix_(rows, src_cols)] = expr[:, panel_cols]
     mapped = np.zeros(adata.n_vars, dtype=bool)
@@ -376,7 +415,9 @@ def enhance(
     record = adata.uns.get(UNS_KEY, {})
     record = dict(record) if isinstance(record, dict) else {}
     record["enhance"] = _uns_record(
-        loaded, mapping, source,
+        loaded,
+        mapping,
+        source,
         {"task": "enhance", "target_depth": target_depth, "precision": precision, "key_added": key_added},
     )
     adata.uns[UNS_KEY] = record
@@ -430,8 +471,16 @@ def gene_embeddings(
     caller_pos = {int(r): i for i, r in enumerate(rows)}
     sorted_rows = np.sort(rows)
     decode = _decode_batches(
-        loaded, source, mapping, target_depth=target_depth, batch_size=batch_size, precision=precision,
-        pre_normalized=pre_normalized, head=False, progress=progress, desc="scFoundation gene embeddings",
+        loaded,
+        source,
+        mapping,
+        target_depth=target_depth,
+        batch_size=batch_size,
+        precision=precision,
+        pre_normalized=pre_normalized,
+        head=False,
+        progress=progress,
+        desc="scFoundation gene embeddings",
         rows=sorted_rows,
     )
     if out is None:
@@ -446,10 +495,13 @@ def gene_embeddings(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         h5 = h5py.File(tmp, "w")
-        ds = h5.create_dataset("embeddings", shape=(len(rows), len(gene_idx), dim), dtype="f4",
-                               chunks=(1, len(gene_idx), dim))
+        ds = h5.create_dataset(
+            "embeddings", shape=(len(rows), len(gene_idx), dim), dtype="f4", chunks=(1, len(gene_idx), dim)
+        )
         h5.create_dataset("genes", data=np.array(gene_names, dtype=object), dtype=h5py.string_dtype())
-        h5.create_dataset("cells", data=np.array(adata.obs_names[rows], dtype=object), dtype=h5py.string_dtype())
+        h5.create_dataset(
+            "cells", data=np.array(adata.obs_names[rows], dtype=object), dtype=h5py.string_dtype()
+        )
         h5.attrs["target_depth"] = target_depth
         h5.attrs["checkpoint"] = str(loaded.path)
         for src_rows, z in decode:
@@ -540,7 +592,9 @@ def preprocessing_record(pre_normalized: bool = False) -> dict[str, Any]:
     """How inputs are turned into model values; saved with every checkpoint."""
     return {
         "counts": "raw counts; layers['counts'] else integer X",
-        "normalization": "log1p(count / total * 1e4), float64 then float32" if not pre_normalized else "as given",
+        "normalization": "log1p(count / total * 1e4), float64 then float32"
+        if not pre_normalized
+        else "as given",
         "target_sum": 1e4,
         "log1p": True,
         "depth_tokens": {"S": "log10(total counts on the panel)", "T": "tN | aY (S+Y) | fX (log10(total*X))"},

@@ -53,11 +53,15 @@ def load_model(checkpoint: str | Path | LoadedModel, *, device: str = "auto") ->
     dev = resolve_device(device)
     model.to(dev).eval()
     panel = (
-        GenePanel.from_symbols(ckpt.gene_panel, name=ckpt.meta.get("gene_panel", {}).get("name", "checkpoint"))
+        GenePanel.from_symbols(
+            ckpt.gene_panel, name=ckpt.meta.get("gene_panel", {}).get("name", "checkpoint")
+        )
         if ckpt.gene_panel
         else GenePanel.scfoundation()
     )
-    return LoadedModel(model=model, config=config, panel=panel, meta=ckpt.meta, path=Path(ckpt.path), device=dev)
+    return LoadedModel(
+        model=model, config=config, panel=panel, meta=ckpt.meta, path=Path(ckpt.path), device=dev
+    )
 
 
 @dataclass
@@ -93,7 +97,10 @@ def iter_batches(
         chunks = ((c.obs_idx, c.X) for c in source.iter_chunks(chunk_size))
     else:
         rows = np.asarray(rows, dtype=np.int64)
-        chunks = ((rows[i : i + chunk_size], source.rows(rows[i : i + chunk_size])) for i in range(0, len(rows), chunk_size))
+        chunks = (
+            (rows[i : i + chunk_size], source.rows(rows[i : i + chunk_size]))
+            for i in range(0, len(rows), chunk_size)
+        )
     for obs_idx, csr in chunks:
         panel = mapping.apply(csr)
         enc = tokenizer.encode(panel, target, pre_normalized=pre_normalized)
@@ -111,7 +118,9 @@ def iter_batches(
             )
 
 
-def _bucket(order: np.ndarray, lengths: np.ndarray, *, batch_size: int, max_tokens: int | None) -> Iterator[np.ndarray]:
+def _bucket(
+    order: np.ndarray, lengths: np.ndarray, *, batch_size: int, max_tokens: int | None
+) -> Iterator[np.ndarray]:
     i = 0
     n = len(order)
     while i < n:
@@ -126,10 +135,31 @@ def _bucket(order: np.ndarray, lengths: np.ndarray, *, batch_size: int, max_toke
 
 @torch.inference_mode()
 def encode_batch(
-    model: ScFoundation, tensors: dict[str, torch.Tensor], device: torch.device, precision: Precision
+    model: ScFoundation,
+    tensors: dict[str, torch.Tensor],
+    device: torch.device,
+    precision: Precision,
+    *,
+    layout: Literal["auto", "packed", "padded"] = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run the encoder on one collated batch; returns (hidden, tensors on device)."""
+    """Run the encoder on one collated batch; returns (hidden ``[b, n, d]``, tensors on device).
+
+    ``layout="packed"`` concatenates the cells without padding (every matmul over real tokens only,
+    attention per cell): fastest on CPU. ``"padded"`` runs one masked batch: better on GPUs, where one
+    large kernel beats many small ones. ``"auto"`` picks packed on CPU and padded elsewhere. Both give
+    the same values at real tokens; padded rows of the returned hidden state are zero (packed) or
+    meaningless (padded) and are excluded by the pooling.
+    """
     t = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+    if layout == "auto":
+        layout = "packed" if device.type == "cpu" else "padded"
     with autocast_context(device, precision):
-        hidden = model.encode(t["values"], t["gene_ids"], t["padding_mask"])
+        if layout == "padded":
+            hidden = model.encode(t["values"], t["gene_ids"], t["padding_mask"])
+        else:
+            real = ~t["padding_mask"]
+            seq_lens = real.sum(1).tolist()
+            packed = model.encode_packed(t["values"][real], t["gene_ids"][real], seq_lens)
+            hidden = packed.new_zeros(*real.shape, packed.shape[-1])
+            hidden[real] = packed
     return hidden, t

@@ -130,6 +130,29 @@ class ScFoundation(nn.Module):
         tokens = tokens + self.gene_embedding(gene_ids)
         return self.encoder(tokens, key_padding_mask=padding_mask)
 
+    def encode_packed(self, values: Tensor, gene_ids: Tensor, seq_lens: list[int]) -> Tensor:
+        """Encode cells packed end to end (no padding): same result as :meth:`encode` at real tokens.
+
+        Every matmul runs once over all tokens of the batch and no compute goes to padding; attention
+        runs per cell. The inference default on CPU.
+
+        Args:
+            values: token values of all cells, concatenated (each cell: genes, then T, then S).
+            gene_ids: their position ids.
+            seq_lens: number of tokens of each cell.
+
+        Returns:
+            Encoder output after the final LayerNorm.
+
+        Shape:
+            - values, gene_ids: ``[N]`` (``N = sum(seq_lens)``)
+            - returns: ``[N, d_enc]``
+        """
+        no = torch.zeros_like(values, dtype=torch.bool)
+        values = values.to(self.gene_embedding.weight.dtype)  # a model cast to bf16 takes bf16 values
+        tokens = self.value_embedding(values, mask=no, pad=no) + self.gene_embedding(gene_ids)
+        return self.encoder.forward_packed(tokens, seq_lens)
+
     # ------------------------------------------------------------------ decoder
     def decode(
         self,
@@ -233,8 +256,11 @@ class ScFoundation(nn.Module):
         b, n = values.shape
         flat = values.reshape(-1)
         nonzero = torch.nonzero(flat != 0).squeeze(-1)
-        zero_row = emb(flat.new_zeros(1), mask=torch.zeros(1, dtype=torch.bool, device=flat.device),
-                       pad=torch.zeros(1, dtype=torch.bool, device=flat.device))
+        zero_row = emb(
+            flat.new_zeros(1),
+            mask=torch.zeros(1, dtype=torch.bool, device=flat.device),
+            pad=torch.zeros(1, dtype=torch.bool, device=flat.device),
+        )
         nz_values = flat[nonzero]
         explicit = mask is not None
         nz_rows = emb(

@@ -42,8 +42,19 @@ from msfm.tokenizers.gene_panel import ScFoundationTokenizer
 logger = logging.getLogger(__name__)
 
 _TRAINER_KEYS = {
-    "accelerator", "devices", "strategy", "num_nodes", "precision", "max_steps", "max_epochs", "accumulate", "seed",
-    "gradient_clip", "log_every_n_steps", "checkpoint_every_n_steps", "progress_bar",
+    "accelerator",
+    "devices",
+    "strategy",
+    "num_nodes",
+    "precision",
+    "max_steps",
+    "max_epochs",
+    "accumulate",
+    "seed",
+    "gradient_clip",
+    "log_every_n_steps",
+    "checkpoint_every_n_steps",
+    "progress_bar",
 }
 _OPTIM_KEYS = {"lr", "weight_decay", "warmup_steps", "schedule", "min_lr_ratio"}
 
@@ -54,7 +65,9 @@ class PretrainRunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: str = Field("scfoundation-tiny", description="Model preset (msfm.registry).")
-    model_overrides: dict[str, Any] = Field(default_factory=dict, description="Fields replacing the preset's.")
+    model_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Fields replacing the preset's."
+    )
     objective: PretrainConfig = Field(default_factory=PretrainConfig, description="Downsampling and masking.")
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0, warmup_steps=100, schedule="cosine"),
@@ -84,7 +97,11 @@ class PretrainRunConfig(BaseModel):
         if not path.exists():
             msg = f"Config file {path} does not exist."
             raise MsfmInputError(msg)
-        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+        data = (
+            yaml.safe_load(path.read_text())
+            if path.suffix in (".yaml", ".yml")
+            else json.loads(path.read_text())
+        )
         return cls.model_validate(data or {})
 
     def with_overrides(self, flat: dict[str, Any], *, progress_bar: bool | None = None) -> PretrainRunConfig:
@@ -141,25 +158,38 @@ def pretrain(
         raise MsfmInputError(msg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    gene_kwargs = {"gene_column": config.gene_column, "species": config.species, "use_aliases": config.use_aliases}
+    gene_kwargs = {
+        "gene_column": config.gene_column,
+        "species": config.species,
+        "use_aliases": config.use_aliases,
+    }
     panel = resolve_panel(config.gene_panel, data, layer=config.layer, **gene_kwargs)
     model_cfg = config.model_config_resolved()
     if model_cfg.num_genes != len(panel):
         model_cfg = model_cfg.model_copy(update={"num_genes": len(panel)})
         logger.info("model sized for a %d-gene panel (%s)", len(panel), panel.name)
     stream = PanelRowStream(
-        list(data), panel, layer=config.layer, block_size=config.block_size, seed=config.trainer.seed, **gene_kwargs
+        list(data),
+        panel,
+        layer=config.layer,
+        block_size=config.block_size,
+        seed=config.trainer.seed,
+        **gene_kwargs,
     )
     collate = PretrainCollator(config.objective, num_genes=model_cfg.num_genes, seed=config.trainer.seed)
     skip = _resume_step(out) * config.trainer.accumulate
     if skip:
         logger.info("resuming: skipping the %d micro-batches per rank already trained on", skip)
-    batches = PretrainBatchStream(stream, collate, batch_size=config.batch_size, seed=config.trainer.seed,
-                                  skip_batches=skip)
+    batches = PretrainBatchStream(
+        stream, collate, batch_size=config.batch_size, seed=config.trainer.seed, skip_batches=skip
+    )
     # Its own generator: creating the loader's iterator then draws no seed from the global RNG, which the engine
     # restores on resume (dropout), so a resumed run continues with the same random stream.
     loader = torch.utils.data.DataLoader(
-        batches, batch_size=None, num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
+        batches,
+        batch_size=None,
+        num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,
         generator=torch.Generator().manual_seed(config.trainer.seed),
     )
     torch.manual_seed(config.trainer.seed)
@@ -172,8 +202,11 @@ def pretrain(
         gene_panel_name=panel.name,
         preprocessing=preprocessing_record(),
         get_state_dict=lambda: model.state_dict(),
-        extra_meta={"source": "msfm-pretrain", "run_config": config.model_dump(mode="json"),
-                    "gene_mapping": stream.mapping_reports()},
+        extra_meta={
+            "source": "msfm-pretrain",
+            "run_config": config.model_dump(mode="json"),
+            "gene_mapping": stream.mapping_reports(),
+        },
     )
     trainer = build_trainer(config.trainer, out, callbacks=[export, *callbacks])
     fit(trainer, module, loader, out, run_config=config.model_dump(mode="json"))
@@ -181,7 +214,11 @@ def pretrain(
 
 
 def resolve_panel(
-    choice: str, data: Sequence[str | os.PathLike[str] | AnnData], *, layer: str | None = None, **gene_kwargs: Any
+    choice: str,
+    data: Sequence[str | os.PathLike[str] | AnnData],
+    *,
+    layer: str | None = None,
+    **gene_kwargs: Any,
 ) -> GenePanel:
     """The gene panel a new model is built for (see ``PretrainRunConfig.gene_panel``)."""
     full = GenePanel.scfoundation()
@@ -227,8 +264,15 @@ class PretrainBatchStream(torch.utils.data.IterableDataset):
     sees exactly the batches an uninterrupted run would have seen from there on.
     """
 
-    def __init__(self, rows: PanelRowStream, collate: PretrainCollator, *, batch_size: int, seed: int,
-                 skip_batches: int = 0) -> None:
+    def __init__(
+        self,
+        rows: PanelRowStream,
+        collate: PretrainCollator,
+        *,
+        batch_size: int,
+        seed: int,
+        skip_batches: int = 0,
+    ) -> None:
         super().__init__()
         self.rows = rows
         self.collate = collate
@@ -241,7 +285,7 @@ class PretrainBatchStream(torch.utils.data.IterableDataset):
 
         from msfm.data.stream import _dist_rank_world
 
-        rank, world = _dist_rank_world()
+        rank, _world = _dist_rank_world()
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shard = rank * n_workers + worker
@@ -284,8 +328,15 @@ class _LabelledCells(torch.utils.data.Dataset):
         return batch
 
 
-def _encode_all(adata: AnnData, loaded: Any, *, target_depth: str, layer: str | None, pre_normalized: bool,
-                gene_kwargs: dict[str, Any]) -> tuple[Any, ScFoundationTokenizer, Any]:
+def _encode_all(
+    adata: AnnData,
+    loaded: Any,
+    *,
+    target_depth: str,
+    layer: str | None,
+    pre_normalized: bool,
+    gene_kwargs: dict[str, Any],
+) -> tuple[Any, ScFoundationTokenizer, Any]:
     source, mapping = prepare(adata, loaded.panel, layer=layer, pre_normalized=pre_normalized, **gene_kwargs)
     tokenizer = ScFoundationTokenizer(num_genes=loaded.config.num_genes)
     panel_counts = mapping.apply(source.rows(np.arange(source.n_obs)))
@@ -336,32 +387,57 @@ def fit_classifier(
 
     loaded = load_model(checkpoint, device="cpu")
     encoded, tokenizer, mapping = _encode_all(
-        adata, loaded, target_depth=target_depth, layer=layer, pre_normalized=pre_normalized, gene_kwargs=gene_kwargs
+        adata,
+        loaded,
+        target_depth=target_depth,
+        layer=layer,
+        pre_normalized=pre_normalized,
+        gene_kwargs=gene_kwargs,
     )
     dataset = _LabelledCells(encoded, labels, tokenizer)
     gen = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=dataset.collate,
-                                         generator=gen)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, collate_fn=dataset.collate, generator=gen
+    )
     cls_cfg = CellClassifierConfig(num_classes=len(classes), mode=mode, pool=pool)
     classifier = ScFoundationCellClassifier(loaded.model, cls_cfg)
-    module = MsfmLightningModule(classifier, classification_loss,
-                                 OptimConfig(lr=lr, weight_decay=0.01, warmup_steps=0, schedule="constant"))
+    module = MsfmLightningModule(
+        classifier,
+        classification_loss,
+        OptimConfig(lr=lr, weight_decay=0.01, warmup_steps=0, schedule="constant"),
+    )
     out = Path(out)
     run_dir = out.with_name(f".{out.name}.run")
-    options = TrainerOptions(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
-                             max_epochs=max_epochs, seed=seed, progress_bar=progress)
+    options = TrainerOptions(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        precision=precision,
+        max_epochs=max_epochs,
+        seed=seed,
+        progress_bar=progress,
+    )
     trainer = build_trainer(options, run_dir)
     fit(trainer, module, loader, run_dir)
     classifier.eval()
     return save_checkpoint(
         out,
         family="scfoundation-classifier",
-        config={"backbone": loaded.config.model_dump(), "classifier": cls_cfg.model_dump(), "classes": classes,
-                "target_depth": target_depth, "labels_key": labels_key},
+        config={
+            "backbone": loaded.config.model_dump(),
+            "classifier": cls_cfg.model_dump(),
+            "classes": classes,
+            "target_depth": target_depth,
+            "labels_key": labels_key,
+        },
         state_dict=classifier.state_dict(),
         gene_panel=list(loaded.panel.symbols),
         preprocessing=preprocessing_record(pre_normalized),
-        extra_meta={"backbone_checkpoint": str(loaded.path), "gene_mapping": mapping.to_uns(), "n_train_cells": len(labels)},
+        extra_meta={
+            "backbone_checkpoint": str(loaded.path),
+            "gene_mapping": mapping.to_uns(),
+            "n_train_cells": len(labels),
+        },
     )
 
 
@@ -389,11 +465,27 @@ def predict_cell_types(
     model.load_state_dict(ckpt.state_dict, strict=True)
     dev = resolve_device(device)
     model.to(dev).eval()
-    panel = GenePanel.from_symbols(ckpt.gene_panel, name="classifier") if ckpt.gene_panel else GenePanel.scfoundation()
-    loaded = LoadedModel(model=model.backbone, config=backbone_cfg, panel=panel, meta=ckpt.meta, path=Path(classifier),
-                         device=dev)
-    encoded, tokenizer, mapping = _encode_all(adata, loaded, target_depth=cfg["target_depth"], layer=layer,
-                                              pre_normalized=pre_normalized, gene_kwargs=gene_kwargs)
+    panel = (
+        GenePanel.from_symbols(ckpt.gene_panel, name="classifier")
+        if ckpt.gene_panel
+        else GenePanel.scfoundation()
+    )
+    loaded = LoadedModel(
+        model=model.backbone,
+        config=backbone_cfg,
+        panel=panel,
+        meta=ckpt.meta,
+        path=Path(classifier),
+        device=dev,
+    )
+    encoded, tokenizer, mapping = _encode_all(
+        adata,
+        loaded,
+        target_depth=cfg["target_depth"],
+        layer=layer,
+        pre_normalized=pre_normalized,
+        gene_kwargs=gene_kwargs,
+    )
     classes = np.asarray(cfg["classes"])
     proba = np.zeros((adata.n_obs, len(classes)), dtype=np.float32)
     order = np.argsort(np.asarray(encoded.lengths), kind="stable")
@@ -407,4 +499,8 @@ def predict_cell_types(
     adata.obs[key_added] = pd.Categorical(classes[proba.argmax(1)], categories=classes)
     adata.obs[f"{key_added}_confidence"] = proba.max(1)
     adata.obsm[f"{key_added}_proba"] = proba
-    adata.uns[key_added] = {"classes": classes.tolist(), "classifier": str(classifier), "gene_mapping": mapping.to_uns()}
+    adata.uns[key_added] = {
+        "classes": classes.tolist(),
+        "classifier": str(classifier),
+        "gene_mapping": mapping.to_uns(),
+    }

@@ -1,0 +1,207 @@
+"""The `msfm` command line, end to end on the official fixture checkpoint and real bundled cells."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from msfm.cli import main
+
+FIX = Path(__file__).parents[1] / "fixtures" / "scfoundation"
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def run(*args: str) -> int:
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def io() -> dict[str, np.ndarray]:
+    return load_file(FIX / "tiny_official_io.safetensors")
+
+
+@pytest.fixture(scope="module")
+def cells_h5ad(io, tmp_path_factory) -> Path:
+    with safe_open(FIX / "tiny_official_io.safetensors", "np") as f:
+        meta = f.metadata()
+    a = ad.AnnData(X=sp.csr_matrix(io["source_counts"]))
+    a.var_names = json.loads(meta["source_gene_symbols"])
+    a.obs_names = json.loads(meta["cell_ids"])
+    path = tmp_path_factory.mktemp("cli") / "cells.h5ad"
+    a.write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "sf_gene"
+    assert run("scfoundation", "convert", FIX / "tiny_official.ckpt", "--variant", "gene", "--out", out) == 0
+    return out
+
+
+def test_version_and_help(capsys):
+    assert run("version") == 0
+    assert capsys.readouterr().out.strip()
+    assert run("--help") == 0
+    assert "scfoundation" in capsys.readouterr().out
+
+
+def test_embed_h5ad_matches_official(ckpt, cells_h5ad, io, tmp_path):
+    out = tmp_path / "emb.h5ad"
+    code = run(
+        "scfoundation",
+        "embed",
+        cells_h5ad,
+        "-c",
+        ckpt,
+        "--out",
+        out,
+        "--batch-size",
+        "4",
+        "--no-aliases",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
+    assert code == 0
+    res = ad.read_h5ad(out)
+    np.testing.assert_allclose(res.obsm["X_scfoundation"], io["cell_emb.all.t4"], atol=1e-4, rtol=1e-4)
+
+
+def test_embed_csv_input(ckpt, cells_h5ad, io, tmp_path):
+    a = ad.read_h5ad(cells_h5ad)
+    csv = tmp_path / "cells.csv"
+    import pandas as pd
+
+    pd.DataFrame(a.X.toarray(), index=a.obs_names, columns=a.var_names).to_csv(csv)
+    out = tmp_path / "emb.h5ad"
+    assert (
+        run("scfoundation", "embed", csv, "-c", ckpt, "-o", out, "--pool", "max", "--no-aliases", "--quiet")
+        == 0
+    )
+    np.testing.assert_allclose(
+        ad.read_h5ad(out).obsm["X_scfoundation"], io["cell_emb.max.t4"], atol=1e-4, rtol=1e-4
+    )
+
+
+def test_enhance_and_gene_embed(ckpt, cells_h5ad, io, tmp_path):
+    out = tmp_path / "enh.h5ad"
+    assert (
+        run(
+            "scfoundation",
+            "enhance",
+            cells_h5ad,
+            "-c",
+            ckpt,
+            "-o",
+            out,
+            "--target-depth",
+            "t4",
+            "--no-aliases",
+            "--quiet",
+        )
+        == 0
+    )
+    res = ad.read_h5ad(out)
+    assert res.layers["scfoundation_enhanced"].shape == res.shape
+    h5 = tmp_path / "genes.h5"
+    assert (
+        run("scfoundation", "gene-embed", cells_h5ad, "-c", ckpt, "-o", h5, "--genes", "CD3E,LYZ", "--quiet")
+        == 0
+    )
+    import h5py
+
+    with h5py.File(h5) as f:
+        assert f["embeddings"].shape == (6, 2, 16)
+
+
+def test_errors_exit_2_with_a_message(ckpt, cells_h5ad, tmp_path, capsys):
+    assert run("scfoundation", "embed", tmp_path / "missing.h5ad", "-c", ckpt, "-o", tmp_path / "o.h5ad") == 2
+    assert "error:" in capsys.readouterr().err
+    bad = ad.read_h5ad(cells_h5ad)
+    bad.X = -bad.X
+    bad_path = tmp_path / "bad.h5ad"
+    bad.write_h5ad(bad_path)
+    assert run("scfoundation", "embed", bad_path, "-c", ckpt, "-o", tmp_path / "o.h5ad", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "negative" in err
+    # never overwrite: the output exists and --overwrite was not given
+    (tmp_path / "exists.h5ad").write_bytes(b"x")
+    assert run("scfoundation", "embed", cells_h5ad, "-c", ckpt, "-o", tmp_path / "exists.h5ad") == 2
+    assert (tmp_path / "exists.h5ad").read_bytes() == b"x"
+    assert (
+        run("scfoundation", "embed", cells_h5ad, "-c", FIX / "tiny_official.ckpt", "-o", tmp_path / "z.h5ad")
+        == 2
+    )
+    assert "convert" in capsys.readouterr().err
+    assert (
+        run("scfoundation", "convert", FIX / "tiny_official.ckpt", "--variant", "bogus", "-o", tmp_path / "c")
+        == 2
+    )
+
+
+def test_datasets_pretrain_fit_predict(tmp_path):
+    data = tmp_path / "pbmc.h5ad"
+    assert run("datasets", "export", "pbmc68k", "--out", data) == 0
+    small = ad.read_h5ad(data)[:120].copy()
+    small.write_h5ad(data)
+    run_dir = tmp_path / "run"
+    assert (
+        run(
+            "scfoundation",
+            "pretrain",
+            data,
+            "--out",
+            run_dir,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "1",
+            "--gene-panel",
+            "data",
+            "--quiet",
+        )
+        == 0
+    )
+    model = run_dir / "model"
+    assert (model / "model.safetensors").exists()
+    clf = tmp_path / "clf"
+    assert (
+        run(
+            "scfoundation",
+            "fit",
+            data,
+            "-c",
+            model,
+            "--labels-key",
+            "cell_type",
+            "-o",
+            clf,
+            "--max-epochs",
+            "1",
+            "--accelerator",
+            "cpu",
+            "--quiet",
+        )
+        == 0
+    )
+    pred = tmp_path / "pred.h5ad"
+    assert run("scfoundation", "predict", data, "--classifier", clf, "-o", pred, "--device", "cpu") == 0
+    res = ad.read_h5ad(pred)
+    assert {"scfoundation_cell_type", "scfoundation_cell_type_confidence"} <= set(res.obs.columns)
+    assert run("datasets", "export", "nope", "--out", tmp_path / "n.h5ad") == 2

@@ -1,0 +1,26 @@
+"""`make demo` in quick mode: the whole main job on real bundled data writes a complete report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from msfm.demo import run_demo
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_quick_demo_writes_report(tmp_path):
+    report = run_demo(tmp_path, quick=True)
+    text = report.read_text()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for section in ("Pretraining", "Embedding and clustering", "Read-depth enhancement", "What this shows"):
+        assert section in text
+    for fig in ("umap_by_label.png", "clustering.png", "enhancement.png"):
+        assert (tmp_path / "figures" / fig).stat().st_size > 10_000
+    clus = metrics["clustering"]
+    assert set(clus) == {"PCA (50 PCs)", "scFoundation-tiny"}
+    assert all(0 <= v["nmi"] <= 1 for v in clus.values())
+    assert clus["PCA (50 PCs)"]["ari"] > 0.2  # the real labels are recoverable from real counts
+    assert metrics["n_cells"] == 700
