@@ -205,3 +205,43 @@ def test_datasets_pretrain_fit_predict(tmp_path):
     res = ad.read_h5ad(pred)
     assert {"scfoundation_cell_type", "scfoundation_cell_type_confidence"} <= set(res.obs.columns)
     assert run("datasets", "export", "nope", "--out", tmp_path / "n.h5ad") == 2
+
+
+@pytest.mark.distributed
+def test_embed_two_process_ddp_matches_single(ckpt, cells_h5ad, io, tmp_path):
+    """`--devices 2` on CPU: Lightning starts a second rank; rank 0 merges the shards in file order."""
+    import os
+    import subprocess
+    import sys
+
+    import msfm
+
+    out = tmp_path / "ddp.h5ad"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = str(Path(msfm.__file__).parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [
+        sys.executable,
+        "-m",
+        "msfm",
+        "scfoundation",
+        "embed",
+        str(cells_h5ad),
+        "-c",
+        str(ckpt),
+        "-o",
+        str(out),
+        "--devices",
+        "2",
+        "--accelerator",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--no-aliases",
+        "--quiet",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = ad.read_h5ad(out)
+    np.testing.assert_allclose(res.obsm["X_scfoundation"], io["cell_emb.all.t4"], atol=1e-4, rtol=1e-4)
+    assert not res.obs["scfoundation_zero_count"].any()
+    assert not (tmp_path / ".ddp.h5ad.parts").exists()

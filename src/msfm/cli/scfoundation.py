@@ -60,12 +60,43 @@ def embed(
     species: Species = "human",
     no_aliases: NoAliases = False,
     key_added: Annotated[str, typer.Option(help="obsm key")] = "X_scfoundation",
+    devices: Annotated[
+        str | None,
+        typer.Option(help="Several devices/nodes through Lightning DDP, e.g. 4 or 0,1 (.h5ad input)."),
+    ] = None,
+    accelerator: Annotated[str, typer.Option(help="With --devices: auto | cpu | gpu")] = "auto",
+    strategy: Annotated[str, typer.Option(help="With --devices: ddp | ...")] = "ddp",
+    num_nodes: Annotated[int, typer.Option(help="With --devices: number of nodes.")] = 1,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Cell embeddings to obsm['X_scfoundation'] (batched, CPU or GPU)."""
-    from msfm.models.scfoundation.api import embed_file
+    """Cell embeddings to obsm['X_scfoundation'] (batched, CPU or GPU; many GPUs/nodes with --devices)."""
+    from msfm.models.scfoundation.api import embed_distributed, embed_file
 
+    if devices is not None or num_nodes > 1:
+        from msfm.models.scfoundation.train import _parse_devices
+
+        path = embed_distributed(
+            data,
+            out,
+            checkpoint,
+            accelerator=accelerator,
+            devices=_parse_devices(devices or "auto"),
+            strategy=strategy,
+            num_nodes=num_nodes,
+            target_depth=target_depth,
+            pool=pool,
+            batch_size=batch_size,
+            precision=precision,
+            key_added=key_added,
+            overwrite=overwrite,
+            layer=layer,
+            pre_normalized=pre_normalized,
+            **_gene_kwargs(gene_column, species, no_aliases),
+        )
+        if path is not None:
+            typer.echo(f"wrote {path}")
+        return
     path = embed_file(
         data,
         out,

@@ -24,6 +24,7 @@ _API = {
     "convert": "msfm.models.scfoundation.api",
     "embed": "msfm.models.scfoundation.api",
     "embed_file": "msfm.models.scfoundation.api",
+    "embed_distributed": "msfm.models.scfoundation.api",
     "enhance": "msfm.models.scfoundation.api",
     "gene_embeddings": "msfm.models.scfoundation.api",
     "load_model": "msfm.models.scfoundation.inference",

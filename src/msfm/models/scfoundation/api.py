@@ -600,3 +600,173 @@ def preprocessing_record(pre_normalized: bool = False) -> dict[str, Any]:
         "depth_tokens": {"S": "log10(total counts on the panel)", "T": "tN | aY (S+Y) | fX (log10(total*X))"},
         "gene_panel": "OS_scRNA_gene_index.19264 (always re-indexed to the panel)",
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# many devices / nodes
+# ----------------------------------------------------------------------------------------------------------
+class _CellIndexDataset(torch.utils.data.Dataset):
+    """Map-style dataset of cell positions; the collate function reads, maps and tokenises a batch.
+
+    Each process (DDP rank, DataLoader worker) opens the backed file itself on first use, so nothing large
+    is pickled between processes and reads stay contiguous (the distributed sampler hands out ordered shards).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        panel: GenePanel,
+        *,
+        target_depth: str,
+        pre_normalized: bool,
+        prep_kwargs: dict[str, Any],
+        num_genes: int,
+    ) -> None:
+        from msfm.data import read
+
+        adata = read(path, backed=True)
+        try:
+            self.n_obs = adata.n_obs
+            _, self.mapping = prepare(adata, panel, pre_normalized=pre_normalized, **prep_kwargs)
+        finally:
+            adata.file.close()
+        self.path = path
+        self.layer = prep_kwargs.get("layer")
+        self.pre_normalized = pre_normalized
+        self.target_depth = target_depth
+        self.num_genes = num_genes
+        self._source: CellSource | None = None
+
+    def __len__(self) -> int:
+        return self.n_obs
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        from msfm.data import read
+
+        if self._source is None:
+            self._source = CellSource(
+                read(self.path, backed=True), layer=self.layer, pre_normalized=self.pre_normalized
+            )
+        rows = np.asarray(idx, dtype=np.int64)
+        tokenizer = ScFoundationTokenizer(num_genes=self.num_genes)
+        enc = tokenizer.encode(
+            self.mapping.apply(self._source.rows(rows)), self.target_depth, pre_normalized=self.pre_normalized
+        )
+        batch = tokenizer.collate(enc, np.arange(len(rows)))
+        batch["zero_count"] = torch.as_tensor(np.asarray(enc.zero_count))
+        return batch
+
+
+def embed_distributed(
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    *,
+    accelerator: str = "auto",
+    devices: int | str | list[int] = "auto",
+    strategy: str = "ddp",
+    num_nodes: int = 1,
+    target_depth: str = "t4",
+    pool: Pool = "all",
+    batch_size: int = 64,
+    precision: Precision = "32",
+    key_added: str = "X_scfoundation",
+    num_workers: int = 0,
+    overwrite: bool = False,
+    work_dir: str | os.PathLike[str] | None = None,
+    **prep_kwargs: Any,
+) -> Path | None:
+    """Embed an .h5ad file on several devices and/or nodes (Lightning DDP), e.g. an atlas on a GPU cluster.
+
+    Every rank streams its own shard of the backed file and writes its part; global rank 0 merges the parts
+    in file order and writes ``out`` (a copy of the input plus ``obsm[key_added]``), atomically. Launch it
+    like any Lightning job (``torchrun``, SLURM ``srun``, or directly: Lightning starts the local ranks).
+
+    Returns:
+        ``out`` on global rank 0, ``None`` on the other ranks.
+    """
+    from msfm.engine.h5ad_stream import H5adResultWriter
+    from msfm.engine.predict import distributed_predict
+    from msfm.engine.trainer import TrainerOptions
+
+    data, out = Path(data), Path(out)
+    if data.suffix != ".h5ad":
+        msg = (
+            f"Distributed embedding reads .h5ad files (streamed, backed); got {data.name}. Convert it first."
+        )
+        raise MsfmInputError(msg)
+    if out.exists() and not overwrite:
+        msg = f"Output {out} already exists. Pass --overwrite (overwrite=True) or choose another path."
+        raise MsfmInputError(msg)
+    TargetDepth.parse(target_depth)
+    loaded = load_model(checkpoint, device="cpu")
+    pre_normalized = bool(prep_kwargs.pop("pre_normalized", False))
+    dataset = _CellIndexDataset(
+        data,
+        loaded.panel,
+        target_depth=target_depth,
+        pre_normalized=pre_normalized,
+        prep_kwargs=prep_kwargs,
+        num_genes=loaded.config.num_genes,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate, num_workers=num_workers
+    )
+
+    def predict(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden, t = encode_batch(model, batch, batch["values"].device, precision)
+        pooled = model.pool_cell_embedding(hidden, t["gene_ids"], t["padding_mask"], mode=pool).float()
+        # The zero-count flag rides along as the last column and is split off after the merge.
+        return torch.cat([pooled, batch["zero_count"].to(pooled.dtype)[:, None]], dim=1)
+
+    options = TrainerOptions(
+        accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes, progress_bar=True
+    )
+    parts = Path(work_dir) if work_dir is not None else out.with_name(f".{out.name}.parts")
+    merged = distributed_predict(
+        predict, loader, parts, options=options, model=loaded.model.eval(), overwrite=True
+    )
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_rank() != 0
+    ):
+        return None
+    emb, zero = np.asarray(merged[:, :-1], dtype=np.float32), np.asarray(merged[:, -1]) > 0.5
+    with H5adResultWriter(data, out) as writer:
+        ds = writer.create_obsm(key_added, emb.shape[1])
+        writer.write_rows(ds, np.arange(len(emb)), emb)
+        col = writer.create_obs_column(ZERO_COUNT_COLUMN, bool)
+        writer.write_rows(col, np.arange(len(zero)), zero)
+        writer.write_uns_json(
+            UNS_KEY,
+            _uns_record(
+                loaded,
+                dataset.mapping,
+                _Kind("normalized" if pre_normalized else "counts"),
+                {
+                    "task": "embed",
+                    "distributed": True,
+                    "devices": str(devices),
+                    "num_nodes": num_nodes,
+                    "target_depth": target_depth,
+                    "pool": pool,
+                    "precision": precision,
+                    "key_added": key_added,
+                },
+            ),
+        )
+    import shutil
+
+    shutil.rmtree(parts, ignore_errors=True)
+    return out
+
+
+class _Kind:
+    """Minimal stand-in carrying the matrix kind for the uns record."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
