@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 
 bench: $(STAMP)
-	$(VENV)/bin/msfm bench scfoundation --out docs/benchmarks_raw
+	$(VENV)/bin/msfm bench scfoundation --out bench_out
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

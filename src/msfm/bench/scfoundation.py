@@ -59,7 +59,7 @@ def matmul_rate(
     """Best-of-``repeats`` FLOP/s of an ``[m,k] @ [k,n]`` matmul (the FFN shape of the 100M encoder)."""
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(k, n, device=device, dtype=dtype)
-    for _ in range(2):
+    for _ in range(5):  # warm up the thread pool and let the clock settle
         a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -339,6 +339,11 @@ def run_benchmarks(
             }
             results.setdefault("agreement", {})[preset] = agree
         results["speed"] = speed
+        # Measure the matmul rate again after the speed runs and keep the best of both, so a slow first
+        # measurement (cold caches, frequency ramp) cannot flatter the achieved fractions.
+        if "matmul_gflops" in results:
+            for key, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                results["matmul_gflops"][key] = max(results["matmul_gflops"][key], matmul_rate(dt, dev) / 1e9)
         for preset in plans:
             rows = {(r["mode"], r["precision"]): r for r in speed if r["preset"] == preset}
             loop = rows[("loop", "32")]["cells_per_s"]

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from msfm.engine.io import check_output_free
+
 app = typer.Typer(
     help="scFoundation (xTrimoGene): cell/gene embeddings, read-depth enhancement, pretraining.",
     no_args_is_help=True,
@@ -139,12 +141,9 @@ def enhance(
     """Read-depth enhancement (T above S) to layers['scfoundation_enhanced']."""
     from msfm.data import read
     from msfm.engine.io import write_h5ad_atomic
-    from msfm.errors import MsfmInputError
     from msfm.models.scfoundation.api import enhance as _enhance
 
-    if out.exists() and not overwrite:
-        msg = f"Output {out} already exists. Pass --overwrite or choose another path."
-        raise MsfmInputError(msg)
+    check_output_free(out, overwrite=overwrite)
     adata = read(data)
     _enhance(
         adata,
@@ -183,12 +182,9 @@ def gene_embed(
 ) -> None:
     """Context-aware gene embeddings from the decoder, streamed to an HDF5 file."""
     from msfm.data import read
-    from msfm.errors import MsfmInputError
     from msfm.models.scfoundation.api import gene_embeddings
 
-    if out.exists() and not overwrite:
-        msg = f"Output {out} already exists. Pass --overwrite or choose another path."
-        raise MsfmInputError(msg)
+    check_output_free(out, overwrite=overwrite)
     adata = read(data)
     path = gene_embeddings(
         adata,
@@ -313,12 +309,9 @@ def predict(
     """Predict cell types: obs[key] labels and obs[key + '_confidence']."""
     from msfm.data import read
     from msfm.engine.io import write_h5ad_atomic
-    from msfm.errors import MsfmInputError
     from msfm.models.scfoundation.train import predict_cell_types
 
-    if out.exists() and not overwrite:
-        msg = f"Output {out} already exists. Pass --overwrite or choose another path."
-        raise MsfmInputError(msg)
+    check_output_free(out, overwrite=overwrite)
     adata = read(data)
     predict_cell_types(adata, classifier, key_added=key_added, batch_size=batch_size, device=device)
     write_h5ad_atomic(adata, out, overwrite_input_guard=[data])

@@ -334,3 +334,16 @@ def prepare_tensors_for_safetensors(tensors: Mapping[str, torch.Tensor]) -> dict
             seen_storages.add(ptr)
         out[name] = t
     return out
+
+
+def check_output_free(path: PathLike, *, overwrite: bool) -> Path:
+    """Refuse to replace an existing output unless asked to; returns the path.
+
+    Raises:
+        MsfmInputError: ``path`` exists and ``overwrite`` is False.
+    """
+    p = Path(path)
+    if p.exists() and not overwrite:
+        msg = f"Output {p} already exists. Pass --overwrite (overwrite=True) or choose another path."
+        raise MsfmInputError(msg)
+    return p

@@ -25,6 +25,7 @@ from anndata import AnnData
 
 from msfm.data import CellSource, GeneMapping, GenePanel, harmonize_genes
 from msfm.engine.device import autocast_context
+from msfm.engine.io import check_output_free
 from msfm.errors import MsfmInputError
 from msfm.models.scfoundation.inference import (
     LoadedModel,
@@ -260,9 +261,7 @@ def embed_file(
 
     data = Path(data)
     out = Path(out)
-    if out.exists() and not overwrite:
-        msg = f"Output {out} already exists. Pass --overwrite (overwrite=True) or choose another path."
-        raise MsfmInputError(msg)
+    check_output_free(out, overwrite=overwrite)
     if data.suffix != ".h5ad":
         adata = read(data)
         embed(adata, checkpoint, key_added=key_added, **kwargs)
@@ -567,9 +566,7 @@ def convert(
     from msfm.models.scfoundation.convert import load_official_checkpoint
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        msg = f"Output {out} already exists. Pass --overwrite (overwrite=True) or choose another directory."
-        raise MsfmInputError(msg)
+    check_output_free(out, overwrite=overwrite)
     config, state_dict = load_official_checkpoint(official, variant=variant)
     panel = GenePanel.scfoundation()
     return save_checkpoint(
@@ -588,7 +585,7 @@ def convert(
     )
 
 
-def preprocessing_record(pre_normalized: bool = False) -> dict[str, Any]:
+def preprocessing_record(pre_normalized: bool = False, panel_name: str = "scfoundation") -> dict[str, Any]:
     """How inputs are turned into model values; saved with every checkpoint."""
     return {
         "counts": "raw counts; layers['counts'] else integer X",
@@ -598,7 +595,7 @@ def preprocessing_record(pre_normalized: bool = False) -> dict[str, Any]:
         "target_sum": 1e4,
         "log1p": True,
         "depth_tokens": {"S": "log10(total counts on the panel)", "T": "tN | aY (S+Y) | fX (log10(total*X))"},
-        "gene_panel": "OS_scRNA_gene_index.19264 (always re-indexed to the panel)",
+        "gene_panel": f"{panel_name} (input genes always re-indexed onto the panel; genes.txt)",
     }
 
 
@@ -698,9 +695,7 @@ def embed_distributed(
             f"Distributed embedding reads .h5ad files (streamed, backed); got {data.name}. Convert it first."
         )
         raise MsfmInputError(msg)
-    if out.exists() and not overwrite:
-        msg = f"Output {out} already exists. Pass --overwrite (overwrite=True) or choose another path."
-        raise MsfmInputError(msg)
+    check_output_free(out, overwrite=overwrite)
     TargetDepth.parse(target_depth)
     loaded = load_model(checkpoint, device="cpu")
     pre_normalized = bool(prep_kwargs.pop("pre_normalized", False))

@@ -200,7 +200,7 @@ def pretrain(
         config=model_cfg,
         gene_panel=list(panel.symbols),
         gene_panel_name=panel.name,
-        preprocessing=preprocessing_record(),
+        preprocessing=preprocessing_record(panel_name=panel.name),
         get_state_dict=lambda: model.state_dict(),
         extra_meta={
             "source": "msfm-pretrain",
