@@ -77,17 +77,15 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 
 def _uns_record(
-    loaded: LoadedModel, mapping: GeneMapping, source: CellSource, params: dict[str, Any]
+    loaded: LoadedModel, mapping: GeneMapping, kind: str, params: dict[str, Any]
 ) -> dict[str, Any]:
+    """Parameters, input kind (``counts`` or ``normalized``), checkpoint provenance and the gene mapping."""
     return {
         "params": {
             k: (v if isinstance(v, str | int | float | bool) or v is None else str(v))
             for k, v in params.items()
         },
-        "input": {
-            "matrix": source.description if hasattr(source, "description") else source.kind,
-            "kind": source.kind,
-        },
+        "input": {"kind": kind},
         "checkpoint": {
             "path": str(loaded.path),
             "msfm_version": loaded.meta.get("msfm_version"),
@@ -175,7 +173,7 @@ def embed(
     adata.uns[UNS_KEY] = _uns_record(
         loaded,
         mapping,
-        source,
+        source.kind,
         {
             "task": "embed",
             "target_depth": target_depth,
@@ -298,7 +296,9 @@ def embed_file(
             writer.write_rows(col, np.arange(len(zero)), zero)
             writer.write_uns_json(
                 UNS_KEY,
-                _uns_record(loaded, mapping, source, {"task": "embed", "key_added": key_added, **run_kwargs}),
+                _uns_record(
+                    loaded, mapping, source.kind, {"task": "embed", "key_added": key_added, **run_kwargs}
+                ),
             )
     finally:
         if adata.isbacked:
@@ -416,7 +416,7 @@ def enhance(
     record["enhance"] = _uns_record(
         loaded,
         mapping,
-        source,
+        source.kind,
         {"task": "enhance", "target_depth": target_depth, "precision": precision, "key_added": key_added},
     )
     adata.uns[UNS_KEY] = record
@@ -741,7 +741,7 @@ def embed_distributed(
             _uns_record(
                 loaded,
                 dataset.mapping,
-                _Kind("normalized" if pre_normalized else "counts"),
+                "normalized" if pre_normalized else "counts",
                 {
                     "task": "embed",
                     "distributed": True,
@@ -758,10 +758,3 @@ def embed_distributed(
 
     shutil.rmtree(parts, ignore_errors=True)
     return out
-
-
-class _Kind:
-    """Minimal stand-in carrying the matrix kind for the uns record."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
