@@ -1,0 +1,39 @@
+"""scMulan: a multitask generative GPT over cell sentences.
+
+Bian, Chen, Dong et al., "scMulan: a multitask generative pre-trained language model for single-cell
+analysis", RECOMB 2024 (bioRxiv 10.1101/2024.01.25.577152). Architecture, vocabulary and checkpoint layout
+follow the official release (SuperBianC/scMulan, commit d64da5e), re-implemented from its description.
+
+Public API (AnnData in, AnnData out)::
+
+    convert(official_ckpt, out_dir)
+    annotate(adata, checkpoint)              # obs["scmulan_cell_type"], obsm["X_scmulan"]
+    predict_organ(adata, checkpoint)         # obs["scmulan_organ"], obs["scmulan_region"]
+    generate(checkpoint, prompts)            # AnnData of generated cells
+    perturb(checkpoint, prompt, genes, ...)  # in-silico perturbation with centroid-shift scores
+    train(adata, out_dir, ScMulanTrainConfig(...))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_API = {
+    "ScMulan": "msfm.models.scmulan.model",
+    "ScMulanConfig": "msfm.models.scmulan.config",
+    "load_official_checkpoint": "msfm.models.scmulan.convert",
+    "generate_tokens": "msfm.models.scmulan.decoding",
+    "DecodeOptions": "msfm.models.scmulan.decoding",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    msg = f"module 'msfm.models.scmulan' has no attribute {name!r}"
+    raise AttributeError(msg)
