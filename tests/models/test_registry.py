@@ -10,7 +10,7 @@ from msfm.errors import MsfmInputError
 from msfm.models.scfoundation.model import ScFoundation
 from msfm.registry import create_model, get_model_entry, list_models, register_model
 
-EXPECTED_PARAMS = {"scfoundation-100m": 119_252_285}
+EXPECTED_PARAMS = {"scfoundation-100m": 119_252_285, "scmulan-368m": 368_800_320}
 
 
 def test_presets_are_listed() -> None:
@@ -34,7 +34,9 @@ def test_every_preset_builds_on_meta(name: str) -> None:
         assert count == EXPECTED_PARAMS[name]
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if n.endswith(("-tiny", "-fixture"))])
+@pytest.mark.parametrize(
+    "name", [n for n in list_models("scfoundation-*") if n.endswith(("-tiny", "-fixture"))]
+)
 def test_small_presets_forward_backward(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name)
@@ -58,6 +60,23 @@ def test_small_presets_forward_backward(name: str) -> None:
     out.expression.mean().backward()
     assert model.head.weight.grad is not None
     assert torch.isfinite(model.head.weight.grad).all()
+
+
+
+@pytest.mark.parametrize("name", [n for n in list_models("scmulan-*") if n.endswith(("-tiny", "-fixture"))])
+def test_small_scmulan_presets_forward_backward(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name)
+    assert get_model_entry(name).family == "scmulan"
+    ids = torch.tensor([[5, 700, 2206], [0, 12, 2206]])
+    levels = torch.tensor([[3, 10, 0], [0, 10, 0]])
+    mask = torch.tensor([[True, True, True], [False, True, True]])
+    out = model(ids, levels, attention_mask=mask)
+    assert out.logits.shape == (2, 3, model.config.vocab_size)
+    assert torch.isfinite(out.logits[mask]).all()
+    (out.logits[mask].mean() + out.expression[mask].mean()).backward()
+    assert model.entity_head.weight.grad is not None
+    assert torch.isfinite(model.token_embed.weight.grad).all()
 
 
 def test_overrides() -> None:

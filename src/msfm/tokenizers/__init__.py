@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from msfm.tokenizers.cell_sentence import (
+    CellSentenceTokenizer,
+    CellSentenceVocab,
+    Sentences,
+    bin_levels,
+)
 from msfm.tokenizers.gene_panel import (
     SCFOUNDATION_NUM_GENES,
     EncodedCells,
@@ -13,9 +19,13 @@ from msfm.tokenizers.gene_panel import (
 
 __all__ = [
     "SCFOUNDATION_NUM_GENES",
+    "CellSentenceTokenizer",
+    "CellSentenceVocab",
     "EncodedCells",
     "ScFoundationTokenizer",
+    "Sentences",
     "TargetDepth",
+    "bin_levels",
     "depth_tokens",
     "normalize_rows",
 ]

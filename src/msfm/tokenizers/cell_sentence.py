@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -163,7 +164,7 @@ class CellSentenceVocab:
             msg = f"Vocabulary genes {missing_genes[:5]} are not tokens of the vocabulary."
             raise MsfmInputError(msg)
         ids = [self._index[g] for g in self.genes]
-        if any(b <= a for a, b in zip(ids, ids[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(ids)):
             msg = "Vocabulary genes must be listed in ascending id order (genes are laid out as one sorted block)."
             raise MsfmInputError(msg)
         required = [END, ANNOTATE, GENERATE, NEXT_STATE, ORGAN_REGION]
@@ -557,7 +558,9 @@ class Sentences:
     def from_lists(cls, ids_list: Sequence[Sequence[int]], levels_list: Sequence[Sequence[int]]) -> Sentences:
         """Pack per-sentence id and level sequences."""
         if len(ids_list) != len(levels_list):
-            msg = f"Got {len(ids_list)} id sequences but {len(levels_list)} level sequences; they must pair up."
+            msg = (
+                f"Got {len(ids_list)} id sequences but {len(levels_list)} level sequences; they must pair up."
+            )
             raise MsfmInputError(msg)
         ids = [np.asarray(a, dtype=np.int64).ravel() for a in ids_list]
         lv = [np.asarray(a, dtype=np.int64).ravel() for a in levels_list]
@@ -746,7 +749,7 @@ class CellSentenceTokenizer:
             row = int(np.searchsorted(csr.indptr, pos, side="right") - 1)
             col = int(csr.indices[pos])
             msg = (
-                f"{what}: cell (row) {row} has the value {data[pos]!r} for gene {self.vocab.genes[col]!r}. Expected "
+                f"{what}: cell (row) {row} has the value {float(data[pos])} for gene {self.vocab.genes[col]!r}. Expected "
                 "finite values >= 0 (log1p-normalised expression); remove or fix NaN, inf and negative values."
             )
             raise MsfmInputError(msg)
@@ -788,9 +791,7 @@ class CellSentenceTokenizer:
         """
         csr = self._check_matrix(X, "gene_sentences()")
         if self.gene_order == "random" and rng is None:
-            msg = (
-                "gene_order='random' needs a random generator: call gene_sentences(X, rng=np.random.default_rng(seed))."
-            )
+            msg = "gene_order='random' needs a random generator: call gene_sentences(X, rng=np.random.default_rng(seed))."
             raise MsfmInputError(msg)
         n = csr.shape[0]
         rows, cols, vals = self._expressed(csr)
@@ -825,7 +826,9 @@ class CellSentenceTokenizer:
     def _meta_words(self, meta: Mapping[str, Any], cell: int | None) -> list[int]:
         where = "" if cell is None else f" (cell {cell})"
         if not isinstance(meta, Mapping):
-            msg = f"Metadata{where} must be a mapping such as {{'organ': 'Heart'}}, got {type(meta).__name__}."
+            msg = (
+                f"Metadata{where} must be a mapping such as {{'organ': 'Heart'}}, got {type(meta).__name__}."
+            )
             raise MsfmInputError(msg)
         ids: list[int] = []
         for key, value in meta.items():
@@ -859,7 +862,11 @@ class CellSentenceTokenizer:
                 msg = f"answer_prefix of cell {cell} must hold (token, level) pairs such as ('SPI1', 8); got {word!r}."
                 raise MsfmInputError(msg)
             token, level = word
-            if isinstance(level, bool) or not isinstance(level, int | np.integer) or not 0 <= level <= self.n_levels:
+            if (
+                isinstance(level, bool)
+                or not isinstance(level, int | np.integer)
+                or not 0 <= level <= self.n_levels
+            ):
                 msg = (
                     f"answer_prefix of cell {cell}: level {level!r} for {token!r} is not valid; expected an integer "
                     f"in 0..{self.n_levels}."

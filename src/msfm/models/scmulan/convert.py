@@ -176,7 +176,9 @@ def load_official_checkpoint(path: str | os.PathLike[str]) -> tuple[ScMulanConfi
         raise MsfmInputError(msg)
     try:
         content = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on the damage
+    except (
+        Exception
+    ) as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on the damage
         msg = (
             f"could not read {str(file)!r} as a weights-only torch checkpoint ({type(err).__name__}: {err}). "
             f"msfm never unpickles arbitrary objects; re-save the file as a plain dict of tensors if it holds "

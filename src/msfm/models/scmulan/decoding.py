@@ -124,9 +124,7 @@ def _allowed_at(allowed: Sequence[Tensor | None] | Tensor | None, step: int) -> 
     return allowed[min(step, len(allowed) - 1)]
 
 
-def _pick(
-    logits: Tensor, options: DecodeOptions, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
+def _pick(logits: Tensor, options: DecodeOptions, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """Choose one token per row from masked logits; returns ``(token, probability)``.
 
     Shape: logits ``[b, V]`` (float32, -inf = banned) -> two ``[b]`` tensors.
@@ -188,7 +186,9 @@ def generate_tokens(
     device = ids.device
     vocab = model.config.vocab_size
     n_levels = model.config.n_levels
-    mask = torch.ones(b, n, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    mask = (
+        torch.ones(b, n, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    )
     if not bool(mask[:, -1].all()):
         msg = "prompts must be left padded: the last position of every row must be a real word."
         raise ValueError(msg)

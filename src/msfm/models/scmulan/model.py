@@ -69,7 +69,11 @@ class ScMulanBlock(nn.Module):
     ) -> Tensor:
         """Shape: x ``[b, n, d]``; key_padding_mask ``[b, n_past + n]`` (True = padding)."""
         h = self.attn(
-            self.norm1(x), key_padding_mask=key_padding_mask, is_causal=True, kv_cache=cache, layer_idx=layer_idx
+            self.norm1(x),
+            key_padding_mask=key_padding_mask,
+            is_causal=True,
+            kv_cache=cache,
+            layer_idx=layer_idx,
         )
         x = x + self.resid_dropout(h)
         return x + self.mlp(self.norm2(x))
@@ -151,7 +155,9 @@ class ScMulan(nn.Module):
             - attention_mask: ``[b, n_past + n]``
         """
         if ids.shape != levels.shape:
-            msg = f"ids and levels must have the same shape, got {tuple(ids.shape)} and {tuple(levels.shape)}."
+            msg = (
+                f"ids and levels must have the same shape, got {tuple(ids.shape)} and {tuple(levels.shape)}."
+            )
             raise ValueError(msg)
         key_padding_mask = None if attention_mask is None else ~attention_mask.to(torch.bool)
         x = self.embed_dropout(self.token_embed(ids) + self.level_embed(levels))
