@@ -24,3 +24,14 @@ def test_quick_demo_writes_report(tmp_path):
     assert all(0 <= v["nmi"] <= 1 for v in clus.values())
     assert clus["PCA (50 PCs)"]["ari"] > 0.2  # the real labels are recoverable from real counts
     assert metrics["n_cells"] == 700
+    # scMulan part
+    assert "## scMulan" in text
+    sm = metrics["scmulan"]
+    for fig in ("scmulan_annotation.png", "scmulan_perturbation.png"):
+        assert (tmp_path / "figures" / fig).stat().st_size > 5_000
+    assert set(sm["annotation"]) == {"scMulan-tiny (fine label)", "logistic regression (CellTypist recipe)"}
+    assert sm["annotation"]["logistic regression (CellTypist recipe)"]["accuracy"] > 0.6
+    assert sm["n_train"] + sm["n_test"] == 700
+    assert 0.0 <= sm["generation"]["c2st_auc"] <= 1.0
+    assert len(sm["generation"]["per_type"]) == 10
+    assert sm["perturbation"]["table"]

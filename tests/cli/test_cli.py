@@ -245,3 +245,10 @@ def test_embed_two_process_ddp_matches_single(ckpt, cells_h5ad, io, tmp_path):
     np.testing.assert_allclose(res.obsm["X_scfoundation"], io["cell_emb.all.t4"], atol=1e-4, rtol=1e-4)
     assert not res.obs["scfoundation_zero_count"].any()
     assert not (tmp_path / ".ddp.h5ad.parts").exists()
+
+
+def test_usage_errors_exit_2_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    # typer vendors its own click: its usage errors must be caught like click's.
+    assert run("scfoundation", "embed", "--no-such-option") == 2
+    assert "No such option" in capsys.readouterr().err
+    assert run("scfoundation", "embed") == 2

@@ -62,7 +62,6 @@ def test_small_presets_forward_backward(name: str) -> None:
     assert torch.isfinite(model.head.weight.grad).all()
 
 
-
 @pytest.mark.parametrize("name", [n for n in list_models("scmulan-*") if n.endswith(("-tiny", "-fixture"))])
 def test_small_scmulan_presets_forward_backward(name: str) -> None:
     torch.manual_seed(0)
@@ -118,3 +117,19 @@ def test_register_model_forms_and_duplicates(monkeypatch: pytest.MonkeyPatch) ->
 
     with pytest.raises(ValueError, match="already registered"):
         register_model("toy-linear")(toy_linear_again)
+
+
+def test_family_convert_names_stay_functions() -> None:
+    # Importing every submodule must not shadow the package-level API functions (a submodule named like a
+    # function would replace it as a package attribute).
+    import importlib
+    import pkgutil
+
+    import msfm.models.scfoundation as sf
+    import msfm.models.scmulan as sm
+
+    for pkg in (sf, sm):
+        for info in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+        assert callable(pkg.convert)
+        assert not isinstance(pkg.convert, type(importlib))

@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from msfm.errors import CheckpointError, MsfmInputError
-from msfm.models.scfoundation.convert import (
+from msfm.models.scfoundation.model import ScFoundation
+from msfm.models.scfoundation.official import (
     config_from_official,
     convert_official_state_dict,
     load_official_checkpoint,
 )
-from msfm.models.scfoundation.model import ScFoundation
 from msfm.models.scfoundation.presets import get_preset_config
 from msfm.registry import create_model
 

@@ -11,15 +11,15 @@ from safetensors.torch import load_file
 
 from msfm.errors import CheckpointError, MsfmInputError
 from msfm.models.scmulan.config import ScMulanConfig
-from msfm.models.scmulan.convert import (
+from msfm.models.scmulan.decoding import DecodeOptions, generate_tokens, id_mask
+from msfm.models.scmulan.model import ScMulan
+from msfm.models.scmulan.official import (
     config_to_official,
     convert_official_state_dict,
     load_official_checkpoint,
     official_key_table,
     to_official_state_dict,
 )
-from msfm.models.scmulan.decoding import DecodeOptions, generate_tokens, id_mask
-from msfm.models.scmulan.model import ScMulan
 from msfm.models.scmulan.presets import get_preset_config
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scmulan"
@@ -143,7 +143,7 @@ def test_strict_load_of_the_released_368m_layout() -> None:
     args = layout["model_args_used"]
     with torch.device("meta"):
         state = {k: torch.empty(shape) for k, shape in layout["state_dict"].items()}
-    from msfm.models.scmulan.convert import config_from_official
+    from msfm.models.scmulan.official import config_from_official
 
     config = config_from_official(args)
     assert config == get_preset_config("scmulan-368m", max_length=config.max_length)
@@ -346,3 +346,34 @@ def test_decode_options_and_input_errors(official: ScMulan) -> None:
         )
     with pytest.raises(ValueError, match="max_length"):
         generate_tokens(official, ids, ids, None, DecodeOptions(max_new_tokens=5000))
+
+
+def test_generated_repeat_mask_allows_prompt_words_but_not_repeats(
+    official: ScMulan, io: dict[str, torch.Tensor]
+) -> None:
+    # Gene-only prompts (the annotation prompts without <PCT>); this fixture model likes repeating its last word.
+    sentences = [
+        (
+            io["annot.prompt_ids"][i, : int(io["annot.prompt_len"][i]) - 1],
+            io["annot.prompt_levels"][i, : int(io["annot.prompt_len"][i]) - 1],
+        )
+        for i in range(3)
+    ]
+    ids, levels, mask = _pad_left(sentences)
+    # Allow only the prompt's own genes: "all" bans them (the sentence ends at once), "generated" does not.
+    allowed = torch.zeros(3, 2222, dtype=torch.bool)
+    for row in range(3):
+        allowed[row, ids[row][mask[row]]] = True
+    options = {"max_new_tokens": 8, "end_weight": 0.0}
+    result = generate_tokens(
+        official, ids, levels, mask, DecodeOptions(repeat_mask="generated", **options), allowed=allowed
+    )
+    banned_all = generate_tokens(
+        official, ids, levels, mask, DecodeOptions(repeat_mask="all", **options), allowed=allowed
+    )
+    assert (banned_all.ids[:, 0] == 0).all()
+    assert (result.n_new == 8).all()
+    for row in range(3):
+        new = result.ids[row].tolist()
+        assert len(new) == len(set(new))  # no generated word twice
+        assert set(new) <= set(ids[row][mask[row]].tolist())

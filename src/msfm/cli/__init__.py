@@ -14,6 +14,7 @@ import typer
 
 from msfm._version import __version__
 from msfm.cli.scfoundation import app as scfoundation_app
+from msfm.cli.scmulan import app as scmulan_app
 from msfm.cli.tools import bench_app, datasets_app, demo
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(scfoundation_app, name="scfoundation")
+app.add_typer(scmulan_app, name="scmulan")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(bench_app, name="bench")
 app.command("demo")(demo)
@@ -33,6 +35,29 @@ app.command("demo")(demo)
 def version() -> None:
     """Print the msfm version."""
     typer.echo(__version__)
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Usage-error and abort classes of click and of the click copy that newer typer versions vendor."""
+    import click
+
+    usage: list[type] = [click.exceptions.ClickException]
+    abort: list[type] = [click.exceptions.Abort]
+    try:
+        from typer._click import exceptions as vendored  # typer >= 0.24 ships its own click
+    except ImportError:
+        pass
+    else:
+        usage.append(vendored.ClickException)
+        # Abort moved between modules across typer versions; take it wherever it is.
+        vendored_abort = getattr(vendored, "Abort", None)
+        if vendored_abort is None:
+            import typer
+
+            vendored_abort = getattr(typer, "Abort", None)
+        if isinstance(vendored_abort, type):
+            abort.append(vendored_abort)
+    return tuple(usage), tuple(abort)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,13 +78,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except typer.Exit as err:
         sys.exit(err.exit_code)
-    except Exception as err:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
+    except Exception as err:  # usage errors come through here in non-standalone mode
+        usage, abort = _click_exception_types()
+        if isinstance(err, usage):
             err.show()
             sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
+        if isinstance(err, abort):
             sys.exit(1)
         raise
 

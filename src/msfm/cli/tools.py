@@ -67,6 +67,29 @@ def bench_scfoundation(
     typer.echo(json.dumps(results, indent=2, default=str))
 
 
+@bench_app.command("scmulan")
+def bench_scmulan(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the JSON results.")] = Path(
+        "bench_out"
+    ),
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Tiny model, few cells (a smoke run, seconds).")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    sections: Annotated[
+        str, typer.Option(help="Comma list: annotation,generation")
+    ] = "annotation,generation",
+) -> None:
+    """Annotation cells/s (official-style loop vs batched fp32/bf16/int8), generation tokens/s, peak RSS."""
+    from msfm.bench.scmulan import run_benchmarks
+
+    results = run_benchmarks(
+        out, quick=quick, device=device, sections=[s.strip() for s in sections.split(",")]
+    )
+    typer.echo(results["markdown"])
+    typer.echo(f"results: {Path(out) / 'scmulan_bench.json'}")
+
+
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report and its figures.")] = Path(
         "demo_out"

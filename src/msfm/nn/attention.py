@@ -38,18 +38,30 @@ class KVCache:
         if num_layers < 1:
             msg = f"KVCache needs num_layers >= 1, got {num_layers}."
             raise ValueError(msg)
-        self.keys: list[Tensor | None] = [None] * num_layers
-        self.values: list[Tensor | None] = [None] * num_layers
+        # Buffers grow geometrically and are written in place: appending one position per decoding step then
+        # costs O(1) amortised copies instead of re-concatenating the whole history every step (O(n^2)).
+        self._keys: list[Tensor | None] = [None] * num_layers
+        self._values: list[Tensor | None] = [None] * num_layers
+        self._lengths: list[int] = [0] * num_layers
 
     @property
     def num_layers(self) -> int:
         """Number of layers the cache holds entries for."""
-        return len(self.keys)
+        return len(self._keys)
+
+    @property
+    def keys(self) -> list[Tensor | None]:
+        """Cached keys of every layer (``[b, h, n_cached, d_head]`` views), None before the first update."""
+        return [None if k is None else k[..., :n, :] for k, n in zip(self._keys, self._lengths, strict=True)]
+
+    @property
+    def values(self) -> list[Tensor | None]:
+        """Cached values of every layer, like :attr:`keys`."""
+        return [None if v is None else v[..., :n, :] for v, n in zip(self._values, self._lengths, strict=True)]
 
     def length(self, layer_idx: int) -> int:
         """Number of cached positions of one layer (0 before the first update)."""
-        cached = self.keys[layer_idx]
-        return 0 if cached is None else cached.shape[-2]
+        return self._lengths[layer_idx]
 
     def update(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Append new keys/values of one layer and return the full cached keys/values.
@@ -60,23 +72,35 @@ class KVCache:
             values: values of the new positions.
 
         Returns:
-            All keys and all values of this layer, old positions first.
+            All keys and all values of this layer, old positions first (views into the cache buffers).
 
         Shape:
             - keys, values: ``[b, h, n_new, d_head]``
             - returns: two tensors ``[b, h, n_past + n_new, d_head]``
         """
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx], self.values[layer_idx] = keys, values
-        else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], keys], dim=-2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], values], dim=-2)
-        return self.keys[layer_idx], self.values[layer_idx]  # type: ignore[return-value]
+        n_old = self._lengths[layer_idx]
+        n_new = n_old + keys.shape[-2]
+        buf_k, buf_v = self._keys[layer_idx], self._values[layer_idx]
+        if buf_k is None or buf_v is None or buf_k.shape[-2] < n_new:
+            capacity = max(n_new, 2 * (0 if buf_k is None else buf_k.shape[-2]), 16)
+            shape = (*keys.shape[:-2], capacity, keys.shape[-1])
+            new_k = keys.new_empty(shape)
+            new_v = values.new_empty((*values.shape[:-2], capacity, values.shape[-1]))
+            if buf_k is not None and buf_v is not None and n_old:
+                new_k[..., :n_old, :] = buf_k[..., :n_old, :]
+                new_v[..., :n_old, :] = buf_v[..., :n_old, :]
+            self._keys[layer_idx], self._values[layer_idx] = new_k, new_v
+            buf_k, buf_v = new_k, new_v
+        buf_k[..., n_old:n_new, :] = keys
+        buf_v[..., n_old:n_new, :] = values
+        self._lengths[layer_idx] = n_new
+        return buf_k[..., :n_new, :], buf_v[..., :n_new, :]
 
     def reset(self) -> None:
         """Drop every cached entry."""
-        self.keys = [None] * self.num_layers
-        self.values = [None] * self.num_layers
+        self._keys = [None] * self.num_layers
+        self._values = [None] * self.num_layers
+        self._lengths = [0] * self.num_layers
 
 
 def _allowed_mask(
@@ -222,6 +246,14 @@ class MultiheadSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
         num_keys = k.shape[-2]
+
+        if is_causal and key_padding_mask is None and attn_mask is None and num_keys == n:
+            # Plain causal self-attention: let SDPA build the mask itself, which selects its fused (flash)
+            # kernels on CPU and GPU, several times faster than a materialised boolean mask in training.
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
+            return self.out_proj(out.transpose(1, 2).reshape(b, n, self.dim))
 
         float_mask = attn_mask if attn_mask is not None and attn_mask.is_floating_point() else None
         bool_mask = attn_mask if attn_mask is not None and float_mask is None else None

@@ -130,3 +130,27 @@ def training_curve(
 
 
 __all__ = ["embedding_panels", "metric_bars", "training_curve"]
+
+
+def line_plot(
+    x: Sequence[float],
+    series: dict[str, Sequence[float]],
+    *,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+    save: str | os.PathLike[str] | None = None,
+):
+    """One line per named series over a shared x axis (e.g. a perturbation score against the forced level)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    for name, ys in series.items():
+        ax.plot(list(x), list(ys), marker="o", ms=3, label=name)
+    ax.axhline(0.0, color="0.7", lw=0.8, zorder=0)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    _save(fig, save)
+    return fig

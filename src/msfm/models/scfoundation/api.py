@@ -563,7 +563,7 @@ def convert(
 ) -> Path:
     """Convert an official scFoundation ``models.ckpt`` (one variant) into an msfm checkpoint directory."""
     from msfm.engine.checkpoint import save_checkpoint
-    from msfm.models.scfoundation.convert import load_official_checkpoint
+    from msfm.models.scfoundation.official import load_official_checkpoint
 
     out = Path(out)
     check_output_free(out, overwrite=overwrite)

@@ -15,7 +15,7 @@ class ScFoundationConfig(BaseModel):
     """What the scFoundation network is: sizes, value embedding and sentinel settings.
 
     Defaults are the released 100M model. Upstream names are mapped in
-    :mod:`msfm.models.scfoundation.convert` only. The config is frozen; build a changed copy with
+    :mod:`msfm.models.scfoundation.official` only. The config is frozen; build a changed copy with
     ``ScFoundationConfig(**{**config.model_dump(), "encoder_depth": 4})``.
 
     Position ids: genes ``0 .. num_genes - 1``, then ``t_id`` (target depth T), ``s_id`` (source depth S)

@@ -2,7 +2,7 @@
 
 Paper: Hao et al., "Large-scale foundation model on single-cell transcriptomics", Nature Methods 2024.
 Upstream: biomap-research/scFoundation, ``model/pretrainmodels/mae_autobin.py`` (commit d09626a). This
-is an independent re-implementation; :mod:`msfm.models.scfoundation.convert` maps the official weights.
+is an independent re-implementation; :mod:`msfm.models.scfoundation.official` maps the official weights.
 
 Data flow (``G`` genes, position ids ``G`` = T, ``G + 1`` = S, ``G + 2`` = padding):
 

@@ -22,9 +22,23 @@ from typing import Any
 _API = {
     "ScMulan": "msfm.models.scmulan.model",
     "ScMulanConfig": "msfm.models.scmulan.config",
-    "load_official_checkpoint": "msfm.models.scmulan.convert",
+    "load_official_checkpoint": "msfm.models.scmulan.official",
     "generate_tokens": "msfm.models.scmulan.decoding",
     "DecodeOptions": "msfm.models.scmulan.decoding",
+    "convert": "msfm.models.scmulan.api",
+    "annotate": "msfm.models.scmulan.api",
+    "embed": "msfm.models.scmulan.api",
+    "predict_organ": "msfm.models.scmulan.api",
+    "smooth_labels": "msfm.models.scmulan.api",
+    "generate": "msfm.models.scmulan.api",
+    "perturb": "msfm.models.scmulan.api",
+    "perturb_screen": "msfm.models.scmulan.api",
+    "next_state": "msfm.models.scmulan.api",
+    "LoadedScMulan": "msfm.models.scmulan.inference",
+    "load_model": "msfm.models.scmulan.inference",
+    "train": "msfm.models.scmulan.train",
+    "ScMulanTrainConfig": "msfm.models.scmulan.train",
+    "ScMulanLossConfig": "msfm.models.scmulan.objective",
 }
 
 __all__ = sorted(_API)

@@ -12,7 +12,7 @@ class ScMulanConfig(BaseModel):
 
     Defaults are the released 368.8M model (1120 wide, 24 layers, 20 heads, 2,222 tokens, 10 levels).
     Upstream names (``n_embd``, ``n_layer``, ``n_head``, ``expression_level``) are mapped in
-    :mod:`msfm.models.scmulan.convert` only.
+    :mod:`msfm.models.scmulan.official` only.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)

@@ -15,6 +15,8 @@ Repeat masks (the one behavioural difference between the two released model clas
 * ``"official"``: ban every id of the sentence except the one at the last position (``scMulanModel``); the
   token just emitted may repeat once, so annotation can answer ``T cell, T cell``;
 * ``"all"``: ban every id seen, the last included (``scMulanModel_kv``);
+* ``"generated"``: ban every id generated so far, but not the prompt's (next-state decoding: the next
+  cell re-uses most genes of the prompt cell);
 * ``"none"``: no repeat ban.
 """
 
@@ -31,7 +33,7 @@ from msfm.models.scmulan.model import ScMulan
 
 __all__ = ["DecodeOptions", "GenerationResult", "generate_tokens", "id_mask"]
 
-RepeatMask = Literal["official", "all", "none"]
+RepeatMask = Literal["official", "all", "generated", "none"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class DecodeOptions:
         top_k: keep the ``k`` largest logits before sampling (``None`` = all).
         end_weight: multiply the probability of ``<E>`` by this before picking (the release's ``gamma``;
             0.1 in the paper's generation experiments, 1 = unchanged).
-        repeat_mask: ``"official"``, ``"all"`` or ``"none"`` (see the module docstring).
+        repeat_mask: ``"official"``, ``"all"``, ``"generated"`` or ``"none"`` (see the module docstring).
         stop_at_end: a sentence stops at its first ``<E>``.
         end_id: id of ``<E>``.
     """
@@ -72,8 +74,8 @@ class DecodeOptions:
         if self.end_weight < 0:
             msg = f"end_weight must be >= 0, got {self.end_weight}."
             raise ValueError(msg)
-        if self.repeat_mask not in ("official", "all", "none"):
-            msg = f"repeat_mask must be 'official', 'all' or 'none', got {self.repeat_mask!r}."
+        if self.repeat_mask not in ("official", "all", "generated", "none"):
+            msg = f"repeat_mask must be 'official', 'all', 'generated' or 'none', got {self.repeat_mask!r}."
             raise ValueError(msg)
 
 
@@ -200,10 +202,13 @@ def generate_tokens(
         raise ValueError(msg)
 
     # Repeat bans: counts of each id among the words before the last one, plus the last id.
+    # ("generated" starts empty: only generated ids are counted.)
     seen = torch.zeros(b, vocab, dtype=torch.int32, device=device)
-    before_last = ids[:, :-1].masked_fill(~mask[:, :-1], 0)
-    seen.scatter_add_(1, before_last, mask[:, :-1].to(torch.int32))
+    if options.repeat_mask != "generated":
+        before_last = ids[:, :-1].masked_fill(~mask[:, :-1], 0)
+        seen.scatter_add_(1, before_last, mask[:, :-1].to(torch.int32))
     last = ids[:, -1].clone()
+    last_counts = options.repeat_mask != "generated"  # whether `last` belongs to the banned words
 
     cache = model.new_cache() if use_cache else None
     out = model(ids, levels, attention_mask=mask, cache=cache, heads="last")
@@ -228,7 +233,7 @@ def generate_tokens(
             logits = logits.masked_fill(~step_allowed.to(device).expand_as(logits), float("-inf"))
         if options.repeat_mask != "none":
             banned = seen > 0
-            if options.repeat_mask == "all":
+            if options.repeat_mask in ("all", "generated") and last_counts:
                 banned = banned.clone()
                 banned.scatter_(1, last[:, None], True)
             logits = logits.masked_fill(banned, float("-inf"))
@@ -250,8 +255,10 @@ def generate_tokens(
         # Feed the new word back (finished rows feed a harmless <E>; their outputs are ignored).
         token = torch.where(active, token, torch.full_like(token, options.end_id))
         level = torch.where(active, level, torch.zeros_like(level))
-        seen.scatter_add_(1, last[:, None], torch.ones(b, 1, dtype=torch.int32, device=device))
+        if last_counts:
+            seen.scatter_add_(1, last[:, None], torch.ones(b, 1, dtype=torch.int32, device=device))
         last = token
+        last_counts = True
         mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
         if use_cache:
             out = model(token[:, None], level[:, None], attention_mask=mask, cache=cache, heads="last")
