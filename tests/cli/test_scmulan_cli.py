@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import anndata as ad
@@ -224,8 +226,24 @@ def test_next_state(ckpt, pbmc_h5ad, tmp_path):
 def test_train_and_finetune_then_annotate(ckpt, pbmc_h5ad, tmp_path):
     run_dir = tmp_path / "run"
     common = ("--max-steps", "2", "--batch-size", "4", "--accelerator", "cpu", "--quiet")
-    assert run("scmulan", "train", pbmc_h5ad, "--out", run_dir, "--init-from", ckpt, *common) == 0
+    assert (
+        run(
+            "scmulan",
+            "train",
+            pbmc_h5ad,
+            "--out",
+            run_dir,
+            "--init-from",
+            ckpt,
+            "--expression-weight",
+            "2",
+            *common,
+        )
+        == 0
+    )
     model = run_dir / "model"
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert json.dumps(saved).count('"expression_weight": 2.0') == 1
     assert (model / "model.safetensors").is_file()
     out = tmp_path / "ann.h5ad"
     assert (

@@ -501,6 +501,9 @@ def train(
     checkpoint_every: Annotated[
         int | None, typer.Option(help="Save last.ckpt and model/ every N steps.")
     ] = None,
+    expression_weight: Annotated[
+        float | None, typer.Option(help="Weight of the expression MSE (release: 200; small new models: ~1).")
+    ] = None,
     layer: Layer = None,
     pre_normalized: PreNorm = False,
     quiet: Quiet = False,
@@ -531,6 +534,7 @@ def train(
         "seed": seed,
         "num_workers": num_workers,
         "checkpoint_every_n_steps": checkpoint_every,
+        "expression_weight": expression_weight,
         "layer": layer,
         "pre_normalized": True if pre_normalized else None,
     }

@@ -86,7 +86,7 @@ _TRAINER_KEYS = {
     "progress_bar",
 }
 _OPTIM_KEYS = {"lr", "weight_decay", "warmup_steps", "schedule", "min_lr_ratio", "frozen_prefixes"}
-_LOSS_KEYS = {"expression_weight", "targets"}
+_LOSS_KEYS = {"expression_weight", "targets", "reduction", "entity_loss"}
 #: Model fields a fine-tuning run may change without changing any weight shape.
 _FINETUNE_OVERRIDES = {"dropout", "max_length"}
 
