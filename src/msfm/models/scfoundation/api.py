@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from msfm.data import CellSource, GeneMapping, GenePanel, harmonize_genes
+from msfm.data import CellSource, GeneMapping, GenePanel, prepare_cells
 from msfm.engine.device import autocast_context
 from msfm.engine.io import check_output_free
 from msfm.errors import MsfmInputError
@@ -46,28 +46,8 @@ ZERO_COUNT_COLUMN = "scfoundation_zero_count"
 # ----------------------------------------------------------------------------------------------------------
 # preparation
 # ----------------------------------------------------------------------------------------------------------
-def prepare(
-    adata: AnnData,
-    panel: GenePanel,
-    *,
-    layer: str | None = None,
-    pre_normalized: bool = False,
-    gene_column: str | None = None,
-    species: Literal["human", "mouse"] = "human",
-    use_aliases: bool = True,
-    min_panel_fraction: float = 0.01,
-) -> tuple[CellSource, GeneMapping]:
-    """Validate counts and map genes onto ``panel``; raises ``MsfmInputError`` on unusable input."""
-    source = CellSource(adata, layer=layer, pre_normalized=pre_normalized)
-    mapping = harmonize_genes(
-        adata.var,
-        panel,
-        gene_column=gene_column,
-        species=species,
-        use_aliases=use_aliases,
-        min_panel_fraction=min_panel_fraction,
-    )
-    return source, mapping
+# Shared with every single-cell family: validate the counts, map the genes onto the panel.
+prepare = prepare_cells
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

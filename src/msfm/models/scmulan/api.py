@@ -44,7 +44,7 @@ import torch
 from anndata import AnnData
 from torch import Tensor, nn
 
-from msfm.data import CellSource, GeneMapping, GenePanel, harmonize_genes
+from msfm.data import CellSource, GeneMapping, GenePanel, prepare_cells
 from msfm.engine.io import check_output_free
 from msfm.errors import MsfmInputError
 from msfm.models.scmulan.decoding import DecodeOptions, GenerationResult, RepeatMask, generate_tokens, id_mask
@@ -148,20 +148,16 @@ def _prepare(
 
     ``harmonize_genes`` raises below ``min_panel_fraction`` and warns below half of the vocabulary's genes.
     """
-    if not isinstance(adata, AnnData):
-        msg = f"Expected an AnnData (cells x genes), got {type(adata).__name__}. Read files with msfm.data.read()."
-        raise MsfmInputError(msg)
-    source = CellSource(adata, layer=layer, pre_normalized=pre_normalized)
-    panel = GenePanel.from_symbols(loaded.vocab.genes, name="scmulan")
-    mapping = harmonize_genes(
-        adata.var,
-        panel,
+    return prepare_cells(
+        adata,
+        GenePanel.from_symbols(loaded.vocab.genes, name="scmulan"),
+        layer=layer,
+        pre_normalized=pre_normalized,
         gene_column=gene_column,
         species=species,
         use_aliases=use_aliases,
         min_panel_fraction=min_panel_fraction,
     )
-    return source, mapping
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
