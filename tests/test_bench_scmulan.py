@@ -24,10 +24,10 @@ from msfm.bench.scmulan import (
     run_benchmarks,
 )
 from msfm.data import CellSource, GenePanel, harmonize_genes
-from msfm.models.scmulan.official import load_official_checkpoint
 from msfm.models.scmulan.decoding import DecodeOptions, generate_tokens, id_mask
 from msfm.models.scmulan.inference import LoadedScMulan, iter_prompt_batches, preprocessing_record
 from msfm.models.scmulan.model import ScMulan
+from msfm.models.scmulan.official import load_official_checkpoint
 from msfm.tokenizers.cell_sentence import ANNOTATE, CellSentenceVocab
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "scmulan"

@@ -66,6 +66,18 @@ SECTIONS = ("annotation", "generation")
 # helpers
 # ----------------------------------------------------------------------------------------------------------
 def _peak_rss_mb() -> float:
+    """Peak RSS of this process in MB.
+
+    ``VmHWM`` (Linux) belongs to the process's own address space, which starts fresh at ``exec``;
+    ``ru_maxrss`` is carried across ``exec`` from the forking parent, so a worker started by a driver that
+    once held the 368M weights would report the driver's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -74,6 +86,32 @@ def _loadavg() -> list[float] | None:
         return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     except OSError:  # not Linux
         return None
+
+
+def _cpu_snapshot() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process) from /proc/stat and getrusage."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    hz = float(os.sysconf("SC_CLK_TCK"))
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    busy = (sum(fields[:8]) - idle) / hz  # user..steal; guest time is already inside user
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy, own.ru_utime + own.ru_stime
+
+
+def _others_cpu_share(
+    before: tuple[float, float] | None, after: tuple[float, float] | None, wall: float
+) -> float | None:
+    """Fraction of the machine's CPU time used by OTHER processes during a timed part (0 = quiet machine).
+
+    A timing with a share well above 0 was disturbed by other work on the machine.
+    """
+    if before is None or after is None or wall <= 0:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others / (wall * (os.cpu_count() or 1)))
 
 
 def _cpu_model() -> str:
@@ -107,9 +145,11 @@ def forward_flops(
 
 
 def matmul_rate(dtype: str, *, m: int, k: int = 1120, n: int = 4480, repeats: int = 5) -> float:
-    """Best-of-``repeats`` FLOP/s of ``[m,k] @ [k,n]`` on CPU (the MLP shape of the 368M model).
+    """Best-of-``repeats`` FLOP/s of ``F.linear([m,k], [n,k])`` on CPU (the MLP shape of the 368M model).
 
     ``dtype``: ``"fp32"``, ``"bf16"`` or ``"int8"`` (a dynamically quantized ``nn.Linear``, fp32 in and out).
+    The weight is laid out as the model's (``[out, in]``): on some CPUs a bf16 ``a @ b`` with ``b`` as
+    ``[in, out]`` misses the fast kernel and runs ~10x slower than the same product through ``F.linear``.
     """
     x = torch.randn(m, k)
     if dtype == "int8":
@@ -119,10 +159,10 @@ def matmul_rate(dtype: str, *, m: int, k: int = 1120, n: int = 4480, repeats: in
             return lin(x)
     else:
         dt = torch.float32 if dtype == "fp32" else torch.bfloat16
-        a, b = x.to(dt), torch.randn(k, n, dtype=dt)
+        a, w = x.to(dt), torch.randn(n, k, dtype=dt)
 
         def op() -> Any:
-            return a @ b
+            return nn.functional.linear(a, w)
 
     with torch.inference_mode():
         for _ in range(2):  # warm up the thread pool and kernel selection
@@ -434,6 +474,7 @@ def _worker_annotation(job: dict[str, Any]) -> dict[str, Any]:
             mapping = harmonize_genes(adata.var, panel)
             source = CellSource(adata)
         load_before = _loadavg()
+        cpu_before = _cpu_snapshot()
         if mode == "loop":
             # The release is handed an AnnData already normalised and reduced to its 2,000 genes: not timed.
             x_norm = model_space(mapping.apply(source.rows(np.arange(source.n_obs))), kind=source.kind)
@@ -448,6 +489,7 @@ def _worker_annotation(job: dict[str, Any]) -> dict[str, Any]:
             )
         _sync(device)
         elapsed = time.perf_counter() - t0
+        others = _others_cpu_share(cpu_before, _cpu_snapshot(), elapsed)
         flops = _annotation_flops(loaded.config, res, mode)
         stem = (
             Path(job["save_dir"]) / f"{job['preset']}_{inp['name']}_{mode}_{precision}_b{job['batch_size']}"
@@ -476,6 +518,7 @@ def _worker_annotation(job: dict[str, Any]) -> dict[str, Any]:
                 "quantize_s": quant_s,
                 "threads": torch.get_num_threads(),
                 "loadavg_before": load_before,
+                "others_cpu_share": others,
                 "stem": str(stem),
             }
         )
@@ -516,11 +559,13 @@ def _worker_generation(job: dict[str, Any]) -> dict[str, Any]:
 
         run(2, 1)  # warm-up, not timed
         load_before = _loadavg()
+        cpu_before = _cpu_snapshot()
         _sync(device)
         t0 = time.perf_counter()
         res = run(job["max_new_tokens"], job["seed"])
         _sync(device)
         elapsed = time.perf_counter() - t0
+        others = _others_cpu_share(cpu_before, _cpu_snapshot(), elapsed)
         n_tok = int(res.n_new.sum())
         stem = Path(job["save_dir"]) / f"{job['preset']}_gen_b{b}_{'cache' if use_cache else 'nocache'}"
         np.save(f"{stem}_ids.npy", res.ids.cpu().numpy())
@@ -541,6 +586,7 @@ def _worker_generation(job: dict[str, Any]) -> dict[str, Any]:
                 "load_s": load_s,
                 "threads": torch.get_num_threads(),
                 "loadavg_before": load_before,
+                "others_cpu_share": others,
                 "stem": str(stem),
             }
         )
@@ -595,16 +641,16 @@ def _plans(quick: bool) -> dict[str, Any]:
             "loop": {"real": 64, "L64": 64, "L256": 64, "L700": 32},
             "batched": {"32": [8, 16, 32], "bf16": [16], "int8": [16]},
             "batched_cells": {"real": 256, "L64": 256, "L256": 256, "L700": 128},
-            "bf16_cells": {"real": 256, "L64": 256, "L256": 256, "L700": 128},
+            "bf16_cells": {"real": 256, "L64": 256, "L256": 128, "L700": 64},
             "gen_tokens": 200,
             "gen_batches": [1, 16],
         },
         "scmulan-368m": {
-            "inputs": {"real": 32, "L64": 32, "L256": 16, "L700": 8},
+            "inputs": {"real": 16, "L64": 32, "L256": 16, "L700": 8},
             "loop": {"real": 4, "L64": 4, "L256": 3, "L700": 2},
             "batched": {"32": [16], "bf16": [16], "int8": [16]},
             # bf16 has no native kernels on a CPU without AVX-512-BF16/AMX: few cells, short prompts only.
-            "batched_cells": {"real": 32, "L64": 32, "L256": 16, "L700": 8},
+            "batched_cells": {"real": 16, "L64": 32, "L256": 16, "L700": 8},
             "bf16_cells": {"real": 8, "L64": 8, "L256": 4},
             "extra_batch_sizes": {"32": {"sizes": [8, 32], "inputs": {"L64": 32}}},
             "gen_tokens": 24,
@@ -793,10 +839,19 @@ def _run(
     if dev.type == "cuda":
         results["machine"]["gpu"] = torch.cuda.get_device_name(dev)
 
-    mm_shape = {"m": 32, "repeats": 2} if quick else {"m": 1024, "repeats": 5}
+    # bf16 runs ~10x slower than fp32 on CPUs without native bf16 instructions: a smaller product suffices.
+    mm_shape = {
+        dt: {
+            "m": 32 if quick else (256 if dt == "bf16" else 1024),
+            "k": 1120,
+            "n": 4480,
+            "repeats": 2 if quick else 5,
+        }
+        for dt in ("fp32", "bf16", "int8")
+    }
     if dev.type == "cpu":
-        results["matmul_shape"] = {**mm_shape, "k": 1120, "n": 4480}
-        results["matmul_gflops"] = {dt: matmul_rate(dt, **mm_shape) / 1e9 for dt in ("fp32", "bf16", "int8")}
+        results["matmul_shape"] = mm_shape
+        results["matmul_gflops"] = {dt: matmul_rate(dt, **mm_shape[dt]) / 1e9 for dt in mm_shape}
 
     # Weights: built once per preset with the model's own init, shared by every worker through a file.
     weights: dict[str, str] = {}
@@ -924,9 +979,28 @@ def _run(
 
     if dev.type == "cpu" and "matmul_gflops" in results and not quick:
         # Measure again after the runs and keep the best, so a slow first measurement cannot flatter anything.
-        for dt in ("fp32", "bf16", "int8"):
-            again = matmul_rate(dt, **mm_shape) / 1e9
+        for dt in mm_shape:
+            again = matmul_rate(dt, **mm_shape[dt]) / 1e9
             results["matmul_gflops"][dt] = max(results["matmul_gflops"][dt], again)
+    if "summary" in results and "matmul_gflops" in results:
+        # The physics: batched work is ~1/3 of the loop's FLOPs, so its speed-up is bounded by
+        # flop_ratio x (rate it reaches / rate the loop reaches); these are the bounds at the measured matmul rates.
+        mm = results["matmul_gflops"]
+        for preset, per_input in results["summary"].items():
+            if preset.startswith("target"):
+                continue
+            for inp, entry in per_input.items():
+                if "flop_ratio_loop_over_batched" not in entry:
+                    continue
+                loop = next(
+                    r
+                    for r in results["annotation"]
+                    if r["preset"] == preset and r["input"] == inp and r["mode"] == "loop"
+                )
+                for dt in ("fp32", "int8"):
+                    entry[f"ceiling_speedup_at_{dt}_matmul_rate"] = (
+                        entry["flop_ratio_loop_over_batched"] * mm[dt] / loop["achieved_gflops"]
+                    )
     for r in [*results.get("annotation", []), *results.get("generation", [])]:
         r.pop("stem", None)
     results["loadavg_end"] = _loadavg()
@@ -948,6 +1022,12 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def _others(row: dict[str, Any]) -> str:
+    """Share of the machine's CPU used by other processes while this row was timed."""
+    share = row.get("others_cpu_share")
+    return "-" if share is None else f"{100 * share:.0f} %"
+
+
 def format_markdown(results: dict[str, Any]) -> str:
     """The results as markdown tables (machine line, annotation, agreement, generation, models)."""
     m = results.get("machine", {})
@@ -960,9 +1040,10 @@ def format_markdown(results: dict[str, Any]) -> str:
     if "matmul_gflops" in results:
         mm = results["matmul_gflops"]
         shape = results.get("matmul_shape", {})
+        rates = ", ".join(f"{dt} {_fmt(v)} GFLOP/s (m={shape.get(dt, {}).get('m')})" for dt, v in mm.items())
         lines += [
-            f"Matmul rate ([{shape.get('m')},1120]x[1120,4480], best of {shape.get('repeats')}): fp32 {_fmt(mm['fp32'])} GFLOP/s, bf16 "
-            f"{_fmt(mm['bf16'])} GFLOP/s, int8 dynamic Linear {_fmt(mm['int8'])} GFLOP/s.",
+            f"Matmul rate, F.linear([m,1120], [4480,1120]) (int8 = dynamic quantized Linear), best of "
+            f"{next(iter(shape.values()), {}).get('repeats')}: {rates}.",
             "",
         ]
     models = results.get("models", {})
@@ -975,8 +1056,8 @@ def format_markdown(results: dict[str, Any]) -> str:
     if ann:
         lines += [
             "| model | input | prompt words (mean) | mode | precision | batch | cells | cells/s | speed-up vs loop "
-            "| GFLOP/cell | GFLOP/s | peak RSS (MB) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| GFLOP/cell | GFLOP/s | peak RSS (MB) | other processes' CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(
             ann,
@@ -993,7 +1074,8 @@ def format_markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['preset']} | {r['input']} | {r['mean_prompt_words']:.0f} | {mode} | {prec} | {r['batch_size']} "
                 f"| {r['n_cells']} | {_fmt(r['cells_per_s'])} | {_fmt(r.get('speedup_vs_loop')) if r['mode'] != 'loop' else '1'} "
-                f"| {_fmt(r['gflop_per_cell'])} | {_fmt(r['achieved_gflops'])} | {r['peak_rss_mb']:,.0f} |"
+                f"| {_fmt(r['gflop_per_cell'])} | {_fmt(r['achieved_gflops'])} | {r['peak_rss_mb']:,.0f} "
+                f"| {_others(r)} |"
             )
         lines.append("")
     agree = results.get("agreement", [])
@@ -1006,6 +1088,28 @@ def format_markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {a['preset']} | {a['input']} | {a['precision']} | {a['n_cells']} | {a['coarse_identical']:.3f} "
                 f"| {a['fine_identical']:.3f} | {a['embedding_cosine']['min']:.5f} / {a['embedding_cosine']['mean']:.5f} |"
+            )
+        lines.append("")
+    summary = results.get("summary", {})
+    phys = [
+        (preset, inp, e)
+        for preset, per_input in summary.items()
+        if not preset.startswith("target")
+        for inp, e in per_input.items()
+        if "flop_ratio_loop_over_batched" in e
+    ]
+    if phys:
+        lines += [
+            "| model | input | loop FLOPs / batched FLOPs | batched fp32 rate / loop rate | best speed-up | "
+            "bound at fp32 matmul rate | bound at int8 matmul rate |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for preset, inp, e in phys:
+            lines.append(
+                f"| {preset} | {inp} | {_fmt(e['flop_ratio_loop_over_batched'])} "
+                f"| {_fmt(e.get('rate_ratio_batched_over_loop_fp32'))} | {_fmt(e.get('best_speedup'))} "
+                f"| {_fmt(e.get('ceiling_speedup_at_fp32_matmul_rate'))} "
+                f"| {_fmt(e.get('ceiling_speedup_at_int8_matmul_rate'))} |"
             )
         lines.append("")
     target = results.get("summary", {}).get("target_10x_at_368m")
@@ -1022,14 +1126,15 @@ def format_markdown(results: dict[str, Any]) -> str:
     if gen:
         lines += [
             "| model | KV cache | batch | new tokens (max) | tokens/s | ms/step | cache speed-up | identical tokens "
-            "(uncached vs cached) | peak RSS (MB) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "(uncached vs cached) | peak RSS (MB) | other processes' CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for g in sorted(gen, key=lambda g: (g["preset"], g["batch_size"], not g["use_cache"])):
             lines.append(
                 f"| {g['preset']} | {'yes' if g['use_cache'] else 'no'} | {g['batch_size']} | {g['new_tokens']} "
                 f"({g['max_new_tokens']}/cell) | {_fmt(g['tokens_per_s'])} | {_fmt(g['ms_per_step'])} "
-                f"| {_fmt(g.get('cache_speedup'))} | {_fmt(g.get('identical_tokens_vs_cache'))} | {g['peak_rss_mb']:,.0f} |"
+                f"| {_fmt(g.get('cache_speedup'))} | {_fmt(g.get('identical_tokens_vs_cache'))} | {g['peak_rss_mb']:,.0f} "
+                f"| {_others(g)} |"
             )
         lines.append("")
     return "\n".join(lines)

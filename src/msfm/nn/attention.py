@@ -57,7 +57,9 @@ class KVCache:
     @property
     def values(self) -> list[Tensor | None]:
         """Cached values of every layer, like :attr:`keys`."""
-        return [None if v is None else v[..., :n, :] for v, n in zip(self._values, self._lengths, strict=True)]
+        return [
+            None if v is None else v[..., :n, :] for v, n in zip(self._values, self._lengths, strict=True)
+        ]
 
     def length(self, layer_idx: int) -> int:
         """Number of cached positions of one layer (0 before the first update)."""
