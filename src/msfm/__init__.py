@@ -18,6 +18,8 @@ _LAZY = {
     "datasets": "msfm.datasets",
     "data": "msfm.data",
     "scfoundation": "msfm.models.scfoundation",
+    "scmulan": "msfm.models.scmulan",
+    "roam": "msfm.models.roam",
     "engine": "msfm.engine",
     "eval": "msfm.eval",
     "pl": "msfm.pl",

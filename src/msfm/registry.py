@@ -28,7 +28,11 @@ from msfm.errors import MsfmInputError
 __all__ = ["PRESET_MODULES", "ModelEntry", "create_model", "get_model_entry", "list_models", "register_model"]
 
 # Modules whose import registers presets; one per family.
-PRESET_MODULES: tuple[str, ...] = ("msfm.models.scfoundation.presets", "msfm.models.scmulan.presets")
+PRESET_MODULES: tuple[str, ...] = (
+    "msfm.models.scfoundation.presets",
+    "msfm.models.scmulan.presets",
+    "msfm.models.roam.presets",
+)
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 

@@ -1,0 +1,109 @@
+"""Save and load ROAM models as msfm checkpoint directories (safetensors + config + meta)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from msfm.engine.checkpoint import load_checkpoint, save_checkpoint
+from msfm.errors import CheckpointError
+from msfm.models.roam.config import RoamConfig
+from msfm.models.roam.model import Roam
+
+__all__ = ["FAMILY", "convert_official", "load_model", "save_model"]
+
+FAMILY = "roam"
+
+
+def save_model(
+    model: Roam,
+    path: str | Path,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as an msfm checkpoint directory (atomically).
+
+    Args:
+        model: The model.
+        path: Checkpoint directory to create or replace.
+        extra: JSON-serialisable provenance stored in ``meta.json["extra"]``: task name, class names, the patch
+            encoder description (``encoder``) and the feature dimension, training fold, ...
+        preprocessing: The slide preprocessing config (target mpp, ROI size, stain normalisation, encoder) so
+            that new slides are processed the same way.
+
+    Returns:
+        The checkpoint directory.
+    """
+    return save_checkpoint(
+        path,
+        family=FAMILY,
+        config=model.config,
+        state_dict=model.state_dict(),
+        preprocessing=dict(preprocessing) if preprocessing is not None else None,
+        extra_meta=dict(extra or {}),
+    )
+
+
+def load_model(path: str | Path, *, map_location: str = "cpu") -> tuple[Roam, dict[str, Any]]:
+    """Load an msfm ROAM checkpoint directory.
+
+    Returns:
+        ``(model in eval mode, meta)``; ``meta["extra"]`` holds what :func:`save_model` was given.
+
+    Raises:
+        CheckpointError: If the directory is not a ROAM checkpoint or the weights do not match the config.
+    """
+    ckpt = load_checkpoint(path, family=FAMILY, map_location=map_location)
+    try:
+        config = RoamConfig(**ckpt.config)
+    except ValueError as err:
+        msg = f"{ckpt.path}: config.json is not a valid ROAM config: {err}"
+        raise CheckpointError(msg) from err
+    model = Roam(config)
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as err:
+        msg = f"{ckpt.path}: the weights do not match config.json: {err}"
+        raise CheckpointError(msg) from err
+    return model.eval(), dict(ckpt.meta)
+
+
+def convert_official(
+    official: str | Path,
+    out: str | Path,
+    *,
+    class_names: list[str] | tuple[str, ...] | None = None,
+    task: str | None = None,
+    encoder: str = "resnet50_trunc",
+    fold: int | None = None,
+) -> Path:
+    """Convert a released ``ROAM_split{k}.pth`` into an msfm checkpoint directory.
+
+    Args:
+        official: The released state dict file (read with ``weights_only=True``).
+        out: Checkpoint directory to write.
+        class_names: Class names in logit order (the release's subtyping model: astrocytoma,
+            oligodendroglioma, ependymoma).
+        task: Task name stored with the weights.
+        encoder: Patch encoder the features must come from (the released models: ``resnet50_trunc``, 1024-d).
+        fold: Cross-validation fold the file belongs to (provenance only).
+
+    Returns:
+        The checkpoint directory.
+    """
+    from msfm.models.roam.official import load_official_checkpoint
+
+    overrides: dict[str, Any] = {}
+    if class_names is not None:
+        overrides["class_names"] = tuple(class_names)
+    model = load_official_checkpoint(official, **overrides)
+    extra = {
+        "task": task,
+        "class_names": list(model.config.class_names) if model.config.class_names else None,
+        "encoder": {"name": encoder, "dim": model.config.d_in},
+        "feature_dim": model.config.d_in,
+        "source": {"official_checkpoint": str(Path(official).resolve()), "fold": fold},
+    }
+    return save_model(model, out, extra=extra)

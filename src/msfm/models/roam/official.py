@@ -1,0 +1,230 @@
+"""Read the released ROAM checkpoints (``ROAM_split{k}.pth``) and map their keys onto :class:`Roam`.
+
+The release saves a raw ``state_dict`` (no wrapper, no ``module.`` prefix, CUDA tensors, parameters only). We
+load it with ``torch.load(..., weights_only=True, map_location="cpu")`` and rename keys with the explicit table
+below; the reverse map writes the released layout again.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msfm.errors import CheckpointError
+from msfm.models.roam.config import RoamConfig
+from msfm.models.roam.model import Roam
+
+__all__ = [
+    "config_from_official_state_dict",
+    "convert_official_state_dict",
+    "load_official_checkpoint",
+    "to_official_state_dict",
+]
+
+_SCALES = {"20": "20", "10": "10", "5": "5"}
+_STACKS = {
+    "transformer_20": "intra_20",
+    "transformer_10": "intra_10",
+    "transformer_5": "intra_5",
+    "transformer_20_to_10": "inter_20_10",
+    "transformer_10_to_5": "inter_10_5",
+}
+# Inside one transformer layer: (official suffix after "layers.{l}.", ours).
+_LAYER_PARTS = (
+    ("0.norm.", "attn_norm."),
+    ("0.fn.to_qkv.", "attn.qkv."),
+    ("0.fn.norm.", "attn.qk_norm."),
+    ("0.fn.rel_pe.", "attn.rel_bias."),
+    ("0.fn.to_out.0.", "attn.proj."),
+    ("1.norm.", "ff_norm."),
+    ("1.fn.net.0.", "ff.fc1."),
+    ("1.fn.net.3.", "ff.fc2."),
+)
+_HEAD_PARTS = (
+    ("att_net.attention_a.0.", "mil.norm_a."),
+    ("att_net.attention_a.1.", "mil.proj_a."),
+    ("att_net.attention_b.0.", "mil.norm_b."),
+    ("att_net.attention_b.1.", "mil.proj_b."),
+    ("att_net.attention_c.", "mil.score."),
+    ("roi_clf.", "roi_head."),
+)
+_LAYER_RE = re.compile(r"^vit\.(transformer_(?:20_to_10|10_to_5|20|10|5))\.layers\.(\d+)\.(.+)$")
+_OURS_LAYER_RE = re.compile(
+    r"^pyramid\.(intra_20|intra_10|intra_5|inter_20_10|inter_10_5)\.layers\.(\d+)\.(.+)$"
+)
+
+
+def _official_to_ours(key: str) -> str | None:
+    m = _LAYER_RE.match(key)
+    if m:
+        stack, layer, rest = m.groups()
+        for off, ours in _LAYER_PARTS:
+            if rest.startswith(off):
+                return f"pyramid.{_STACKS[stack]}.layers.{layer}.{ours}{rest[len(off) :]}"
+        return None
+    m = re.match(r"^vit\.(pos_emb|cls_token)_(20|10|5)$", key)
+    if m:
+        kind, s = m.groups()
+        return f"pyramid.{'pos' if kind == 'pos_emb' else 'cls'}_{s}"
+    m = re.match(r"^vit\.to_patch_embedding_(20|10|5)\.([01])\.(weight|bias)$", key)
+    if m:
+        s, idx, what = m.groups()
+        return f"pyramid.embed_{s}.{'norm' if idx == '0' else 'proj'}.{what}"
+    m = re.match(r"^slide_clfs\.(\d+)\.(norm|fc)\.(weight|bias)$", key)
+    if m:
+        return f"slide_heads.{m.group(1)}.{m.group(2)}.{m.group(3)}"
+    for off, ours in _HEAD_PARTS:
+        if key.startswith(off):
+            return ours + key[len(off) :]
+    return None
+
+
+def _ours_to_official(key: str) -> str | None:
+    inverse_stacks = {v: k for k, v in _STACKS.items()}
+    m = _OURS_LAYER_RE.match(key)
+    if m:
+        stack, layer, rest = m.groups()
+        for off, ours in _LAYER_PARTS:
+            if rest.startswith(ours):
+                return f"vit.{inverse_stacks[stack]}.layers.{layer}.{off}{rest[len(ours) :]}"
+        return None
+    m = re.match(r"^pyramid\.(pos|cls)_(20|10|5)$", key)
+    if m:
+        kind, s = m.groups()
+        return f"vit.{'pos_emb' if kind == 'pos' else 'cls_token'}_{s}"
+    m = re.match(r"^pyramid\.embed_(20|10|5)\.(norm|proj)\.(weight|bias)$", key)
+    if m:
+        s, part, what = m.groups()
+        return f"vit.to_patch_embedding_{s}.{0 if part == 'norm' else 1}.{what}"
+    m = re.match(r"^slide_heads\.(\d+)\.(norm|fc)\.(weight|bias)$", key)
+    if m:
+        return f"slide_clfs.{m.group(1)}.{m.group(2)}.{m.group(3)}"
+    for off, ours in _HEAD_PARTS:
+        if key.startswith(ours):
+            return off + key[len(ours) :]
+    return None
+
+
+def convert_official_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a released ROAM state dict to msfm names.
+
+    Raises:
+        CheckpointError: If a key is not part of the released layout (e.g. a ``module.`` prefix from DDP, or a
+            learned-scale-weight model, which msfm does not implement).
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        k = key[len("module.") :] if key.startswith("module.") else key
+        ours = _official_to_ours(k)
+        if ours is None:
+            unknown.append(key)
+            continue
+        out[ours] = value
+    if unknown:
+        msg = (
+            f"{len(unknown)} keys are not in the released ROAM layout, e.g. {unknown[:5]}. Expected keys such as "
+            "'vit.transformer_20.layers.0.0.fn.to_qkv.weight' and 'att_net.attention_c.weight' (the multi-scale "
+            "model with fixed scale weights)."
+        )
+        raise CheckpointError(msg)
+    return out
+
+
+def to_official_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an msfm ROAM state dict to the released key layout (the inverse of the conversion)."""
+    out = {}
+    for key, value in state.items():
+        off = _ours_to_official(key)
+        if off is None:
+            msg = f"msfm ROAM key {key!r} has no counterpart in the released layout."
+            raise CheckpointError(msg)
+        out[off] = value
+    return out
+
+
+def config_from_official_state_dict(state: Mapping[str, torch.Tensor], **overrides: Any) -> RoamConfig:
+    """Infer the model sizes from the tensor shapes of a released state dict.
+
+    ``dim_head`` comes from the QK-LayerNorm, ``heads`` from the qkv width, depths from the layer indices,
+    ``shared_rel_bias`` from the bias table width. Dropout rates are not stored; the released values are the
+    defaults and can be overridden (they do not matter in eval mode).
+    """
+    try:
+        proj = state["vit.to_patch_embedding_20.1.weight"]
+        qk = state["vit.transformer_20.layers.0.0.fn.norm.weight"]
+        qkv = state["vit.transformer_20.layers.0.0.fn.to_qkv.weight"]
+        mlp = state["vit.transformer_20.layers.0.1.fn.net.0.weight"]
+        att_c = state["att_net.attention_c.weight"]
+        rel = state["vit.transformer_20.layers.0.0.fn.rel_pe.weight"]
+    except KeyError as err:
+        msg = (
+            f"The state dict lacks {err}; it is not a released multi-scale ROAM checkpoint (keys start with "
+            f"'vit.' and 'att_net.'). First keys: {list(state)[:5]}."
+        )
+        raise CheckpointError(msg) from err
+    dim, d_in = proj.shape
+    dim_head = qk.shape[0]
+    depths = []
+    for stack in _STACKS:
+        layers = {int(m.group(2)) for k in state if (m := _LAYER_RE.match(k)) and m.group(1) == stack}
+        depths.append(len(layers))
+    order = [
+        "transformer_20",
+        "transformer_20_to_10",
+        "transformer_10",
+        "transformer_10_to_5",
+        "transformer_5",
+    ]
+    depths = [depths[list(_STACKS).index(s)] for s in order]
+    kwargs: dict[str, Any] = {
+        "d_in": int(d_in),
+        "dim": int(dim),
+        "dim_head": int(dim_head),
+        "heads": int(qkv.shape[0] // (3 * dim_head)),
+        "mlp_dim": int(mlp.shape[0]),
+        "depths": tuple(depths),
+        "n_classes": int(att_c.shape[0]),
+        "shared_rel_bias": int(rel.shape[1]) == 1,
+    }
+    kwargs.update(overrides)
+    return RoamConfig(**kwargs)
+
+
+def load_official_checkpoint(path: str | Path, **overrides: Any) -> Roam:
+    """Load a released ``ROAM_split{k}.pth`` (strictly) into a :class:`Roam` on CPU, in eval mode.
+
+    Args:
+        path: The ``.pth`` file (a raw state dict; CUDA tensors are mapped to CPU).
+        **overrides: Config fields the file cannot tell (``scale_weights``, ``class_names``, dropout rates).
+
+    Raises:
+        CheckpointError: If the file is missing, is not a plain tensor state dict (``weights_only`` refuses
+            pickled objects) or does not match the released layout.
+    """
+    p = Path(path)
+    if not p.is_file():
+        msg = f"Official ROAM checkpoint {p} does not exist; pass the path of a ROAM_split<k>.pth file."
+        raise CheckpointError(msg)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip errors come in many types
+        msg = f"Cannot read {p} as a tensor-only state dict ({type(err).__name__}: {err})."
+        raise CheckpointError(msg) from err
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        msg = f"{p} holds a {type(state).__name__}, not a state dict."
+        raise CheckpointError(msg)
+    config = config_from_official_state_dict(state, **overrides)
+    model = Roam(config)
+    ours = convert_official_state_dict(state)
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    if missing or unexpected:
+        msg = f"{p} does not match the ROAM layout: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        raise CheckpointError(msg)
+    return model.eval()
