@@ -13,6 +13,7 @@ import sys
 import typer
 
 from msfm._version import __version__
+from msfm.cli.roam import app as roam_app
 from msfm.cli.scfoundation import app as scfoundation_app
 from msfm.cli.scmulan import app as scmulan_app
 from msfm.cli.tools import bench_app, datasets_app, demo
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 app.add_typer(scfoundation_app, name="scfoundation")
 app.add_typer(scmulan_app, name="scmulan")
+app.add_typer(roam_app, name="roam")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(bench_app, name="bench")
 app.command("demo")(demo)
@@ -70,7 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         datefmt="%H:%M:%S",
     )
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        # Without standalone mode click returns the code of `typer.Exit(n)` instead of exiting with it.
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except (MsfmInputError, CheckpointError, FileNotFoundError) as err:
         if os.environ.get("MSFM_DEBUG"):
             raise

@@ -39,7 +39,13 @@ def datasets_export(
     if name not in available:
         msg = f"Unknown dataset {name!r}; available: {sorted(available)}."
         raise MsfmInputError(msg)
-    loader = getattr(ds, name)
+    loader = getattr(ds, name, None)
+    if loader is None:
+        msg = (
+            f"Dataset {name!r} is not an AnnData dataset and cannot be exported to .h5ad; use "
+            f"{available[name].get('function')} from Python."
+        )
+        raise MsfmInputError(msg)
     try:
         adata = loader()
     except TypeError as err:
@@ -101,3 +107,31 @@ def demo(
 
     report = run_demo(out, quick=quick)
     typer.echo(f"report: {report}")
+
+
+@bench_app.command("roam-model")
+def bench_roam_model(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the JSON results.")] = Path("bench_out"),
+    ks: Annotated[str, typer.Option(help="Comma list of ROIs per slide (inference).")] = "16,64,256,1024",
+    train_ks: Annotated[str, typer.Option(help="Comma list of ROIs per slide (training step).")] = "16,64",
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+) -> None:
+    """ROAM model cost per slide (released size): seconds, ROIs/s, GFLOP/s and peak RSS, each in its own process."""
+    from msfm.bench.roam_model import run_model_bench
+
+    results = run_model_bench(
+        out,
+        ks=tuple(int(k) for k in ks.split(",") if k.strip()),
+        train_ks=tuple(int(k) for k in train_ks.split(",") if k.strip()),
+        threads=threads,
+    )
+    typer.echo(results["markdown"])
+
+
+def _register_roam_bench() -> None:
+    from msfm.bench.roam import register_bench
+
+    register_bench(bench_app, name="roam")
+
+
+_register_roam_bench()

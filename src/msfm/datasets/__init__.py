@@ -23,6 +23,7 @@ def list_datasets() -> dict[str, dict[str, Any]]:
         ``source``, ``licence``, ``citation`` and ``derived``.
     """
     from msfm.datasets import pbmc
+    from msfm.datasets.histology import histology_info
 
     return {
         "pbmc68k": {
@@ -47,4 +48,5 @@ def list_datasets() -> dict[str, dict[str, Any]]:
             "citation": pbmc._CITATION,
             "derived": True,
         },
+        **histology_info(),
     }

@@ -1,0 +1,154 @@
+"""`msfm roam train | predict | evaluate | cascade` end to end on a tiny synthetic cohort."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from msfm.cli.roam_train import register
+from msfm.errors import MsfmInputError
+from msfm.models.roam.features import SlideFeatures, write_slide_features
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+D = 16
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(_app(), [str(a) for a in args], catch_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    fd = root / "features"
+    fd.mkdir()
+    rows = []
+    for c, name in enumerate(["astro", "oligo"]):
+        for i in range(5):
+            sid = f"{name}{i}"
+            k = int(rng.integers(1, 5))
+            x = rng.normal(size=(k, 84, D)).astype(np.float32)
+            x[..., c * 4 : c * 4 + 4] += 3.0
+            write_slide_features(fd / f"{sid}.h5", SlideFeatures(sid, x, np.zeros((k, 2), np.int64)))
+            rows.append({"slide_id": sid, "subtype": name, "grade": str(2 + i % 2)})
+    table = root / "slides.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    config = root / "train.yaml"
+    config.write_text(
+        "model_overrides: {dim: 16, heads: 2, dim_head: 8, mlp_dim: 32}\n"
+        "warmup_epochs: 1\nbest_from_epoch: 1\nlr: 0.003\ncheckpoint_every_n_epochs: 2\n"
+    )
+    return table, fd, config
+
+
+@pytest.fixture(scope="module")
+def run(cohort, tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    table, fd, config = cohort
+    out = tmp_path_factory.mktemp("runs") / "subtype"
+    res = invoke(
+        "train", "--slides", table, "--features", fd, "--task", "subtype", "--folds", 2, "--out", out,
+        "--model", "roam-tiny", "--config", config, "--max-epochs", 3, "--accelerator", "cpu", "--devices", "1",
+        "--test-frac", 0.2, "--quiet",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "out-of-fold accuracy" in res.output
+    assert "test ensemble" in res.output
+    return out
+
+
+def test_train_writes_a_run(run):
+    rec = json.loads((run / "run.json").read_text())
+    assert rec["classes"] == ["astro", "oligo"]
+    assert rec["config"]["model"] == "roam-tiny"
+    assert rec["config"]["model_overrides"]["dim"] == 16
+    assert rec["config"]["max_epochs"] == 3
+    assert (run / "metrics.json").is_file()
+    assert (run / "fold1" / "best" / "model.safetensors").is_file()
+
+
+def test_predict_evaluate_and_cascade(run, cohort, tmp_path):
+    table, fd, _ = cohort
+    preds = tmp_path / "preds.csv"
+    res = invoke("predict", "--run", run, "--features", fd, "--out", preds, "--device", "cpu")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    df = pd.read_csv(preds)
+    assert len(df) == 10
+    assert {"prob_astro", "prob_oligo", "pred", "confidence"} <= set(df.columns)
+    res = invoke("predict", "--run", run, "--features", fd, "--out", preds, "--device", "cpu")
+    assert isinstance(res.exception, MsfmInputError)
+    assert "--overwrite" in str(res.exception)
+
+    metrics, png = tmp_path / "m.json", tmp_path / "cm.png"
+    res = invoke(
+        "evaluate",
+        "--predictions",
+        preds,
+        "--slides",
+        table,
+        "--task",
+        "subtype",
+        "--out",
+        metrics,
+        "--plot",
+        png,
+    )
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    m = json.loads(metrics.read_text())
+    assert m["n"] == 10
+    assert m["accuracy"] >= 0.8
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+    out = tmp_path / "cascade.csv"
+    res = invoke(
+        "cascade", "--features", fd, "--out", out, "--device", "cpu",
+        "--stage", f"subtype={run}", "--stage", f"again={run}:subtype==oligo",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    c = pd.read_csv(out, keep_default_na=False)
+    assert list(c.columns[:2]) == ["slide_id", "subtype"]
+    oligo = c.subtype == "oligo"
+    assert (c.loc[oligo, "again"] == "oligo").all()
+    assert (c.loc[~oligo, "again"] == "").all()
+    res = invoke("evaluate", "--predictions", out, "--slides", table, "--task", "subtype", "--stage", "again")
+    assert res.exit_code == 0
+    assert '"n": ' + str(int(oligo.sum())) in res.output
+
+
+def test_cli_errors(run, cohort, tmp_path):
+    table, fd, config = cohort
+    df = pd.read_csv(table)
+    df.loc[len(df)] = {"slide_id": "missing1", "subtype": "astro", "grade": "2"}
+    bad = tmp_path / "bad.csv"
+    df.to_csv(bad, index=False)
+    res = invoke("train", "--slides", bad, "--features", fd, "--task", "subtype", "--out", tmp_path / "r")
+    assert isinstance(res.exception, MsfmInputError)
+    assert "missing1" in str(res.exception)
+    assert str(fd) in str(res.exception)
+    # same run directory, different settings -> refused before anything is trained
+    res = invoke(
+        "train", "--slides", table, "--features", fd, "--task", "subtype", "--folds", 2, "--out", run,
+        "--model", "roam-tiny", "--config", config, "--max-epochs", 4, "--test-frac", 0.2,
+    )  # fmt: skip
+    assert isinstance(res.exception, MsfmInputError)
+    assert "max_epochs" in str(res.exception)
+    res = invoke("cascade", "--features", fd, "--out", tmp_path / "c.csv")
+    assert isinstance(res.exception, MsfmInputError)
+    assert "--stage" in str(res.exception)
+    res = invoke("train", "--slides", table, "--features", fd, "--out", tmp_path / "r2")
+    assert isinstance(res.exception, MsfmInputError)
+    assert "--task" in str(res.exception)
