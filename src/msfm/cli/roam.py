@@ -22,10 +22,13 @@ app = typer.Typer(
 
 @app.command("convert")
 def convert(
-    official: Annotated[Path, typer.Argument(help="Released ROAM_split<k>.pth (read with weights_only=True).")],
+    official: Annotated[
+        Path, typer.Argument(help="Released ROAM_split<k>.pth (read with weights_only=True).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="msfm checkpoint directory to write.")],
     class_names: Annotated[
-        str | None, typer.Option(help="Comma-separated class names in logit order, e.g. astro,oligo,ependymoma.")
+        str | None,
+        typer.Option(help="Comma-separated class names in logit order, e.g. astro,oligo,ependymoma."),
     ] = None,
     task: Annotated[str | None, typer.Option(help="Task name stored with the weights.")] = None,
     encoder: Annotated[str, typer.Option(help="Patch encoder the features come from.")] = "resnet50_trunc",

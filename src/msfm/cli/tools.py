@@ -111,7 +111,9 @@ def demo(
 
 @bench_app.command("roam-model")
 def bench_roam_model(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the JSON results.")] = Path("bench_out"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the JSON results.")] = Path(
+        "bench_out"
+    ),
     ks: Annotated[str, typer.Option(help="Comma list of ROIs per slide (inference).")] = "16,64,256,1024",
     train_ks: Annotated[str, typer.Option(help="Comma list of ROIs per slide (training step).")] = "16,64",
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
