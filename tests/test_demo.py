@@ -35,3 +35,15 @@ def test_quick_demo_writes_report(tmp_path):
     assert 0.0 <= sm["generation"]["c2st_auc"] <= 1.0
     assert len(sm["generation"]["per_type"]) == 10
     assert sm["perturbation"]["table"]
+    # ROAM part
+    assert "## ROAM (whole-slide images; synthetic labels)" in text
+    rm = metrics["roam"]
+    assert rm["labels_are_synthetic"] is True
+    assert rm["n_slides_ok"] == rm["n_slides"] == 9
+    assert rm["n_rois"] >= rm["n_slides"]
+    assert rm["source"]["classes"] == ["cmu", "tia"]
+    assert rm["restained"]["classes"] == ["no", "yes"]
+    assert 0.0 <= rm["cascade"]["accuracy_all"] <= 1.0
+    for sid in rm["heatmap_slides"]:
+        assert (tmp_path / "roam" / "heatmaps" / sid / "heatmap.png").stat().st_size > 5_000
+    assert (tmp_path / "roam" / "cascade_predictions.csv").is_file()

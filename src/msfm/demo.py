@@ -12,6 +12,10 @@ scMulan part (:mod:`msfm.demo_scmulan`): train the tiny scMulan on 70 % of the s
 beside a logistic-regression baseline, generate cells from label prompts and score their fidelity, and run an
 in-silico perturbation.
 
+ROAM part (:mod:`msfm.demo_roam`): build a small cohort of pyramid TIFF slides from the two bundled real H&E
+images (labels synthetic: source image and stain change), preprocess them into multi-scale ROI features, train
+two tasks with cross-validation, chain them as a cascade, and draw slide- and ROI-level heatmaps.
+
 Everything is written to ``OUT/report.md`` with PNG figures and ``OUT/metrics.json``.
 """
 
@@ -94,7 +98,7 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> Path:
     counts = sp.csr_matrix(adata.layers["counts"])
 
     # 1. pretrain ------------------------------------------------------------------------------------------
-    steps = 40 if quick else 2000
+    steps = 40 if quick else 1500
     cfg = PretrainRunConfig(preset="scfoundation-tiny").with_overrides(
         {
             "max_steps": steps,
@@ -182,6 +186,12 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> Path:
 
     scmulan_metrics = run_scmulan_demo(out, quick=quick, seed=seed)
 
+    # ROAM ------------------------------------------------------------------------------------------------------
+    from msfm.demo_roam import report_section as roam_section
+    from msfm.demo_roam import run_roam_demo
+
+    roam_metrics = run_roam_demo(out, quick=quick, seed=seed)
+
     timings["total_s"] = time.perf_counter() - t_start
     metrics: dict[str, Any] = {
         "dataset": adata.uns.get("dataset", {}).get("name", "pbmc68k"),
@@ -194,10 +204,18 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> Path:
         "gene_mapping": adata.uns["scfoundation"]["gene_mapping"],
         "timings": timings,
         "scmulan": scmulan_metrics,
+        "roam": roam_metrics,
     }
     atomic_write_json(out / "metrics.json", metrics)
     report = out / "report.md"
-    atomic_write_text(report, _report_md(metrics, curve is not None) + "\n" + report_section(scmulan_metrics))
+    atomic_write_text(
+        report,
+        _report_md(metrics, curve is not None)
+        + "\n"
+        + report_section(scmulan_metrics)
+        + "\n"
+        + roam_section(roam_metrics),
+    )
     return report
 
 

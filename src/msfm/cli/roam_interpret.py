@@ -22,14 +22,14 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from msfm.data.slides import SLIDE_EXTENSIONS
 from msfm.errors import MsfmInputError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["heatmap", "register"]
 
-_SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
-_SLIDE_SUFFIXES |= {".png", ".jpg", ".jpeg"}
+_SLIDE_SUFFIXES = set(SLIDE_EXTENSIONS)
 
 
 def _split_slides(slides: list[str] | None) -> list[str]:

@@ -34,7 +34,25 @@ from msfm.errors import MsfmInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "Slide", "SlideReadError", "open_slide", "require_mpp"]
+__all__ = ["BACKENDS", "SLIDE_EXTENSIONS", "Slide", "SlideReadError", "open_slide", "require_mpp"]
+
+#: File extensions of whole-slide images and plain images msfm looks for in folders (lower case).
+SLIDE_EXTENSIONS = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".vms",
+    ".vmu",
+    ".bif",
+    ".svslide",
+    ".dcm",
+    ".png",
+    ".jpg",
+    ".jpeg",
+)
 
 #: Backends in the order ``backend="auto"`` tries them.
 BACKENDS = ("openslide", "tiffslide", "image")

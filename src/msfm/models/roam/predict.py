@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from msfm.data.slides import SLIDE_EXTENSIONS
 from msfm.errors import MsfmInputError
 
 logger = logging.getLogger(__name__)
@@ -72,20 +73,8 @@ __all__ = [
 BEST_DIR = "best"
 DONE_FILE = "done.json"
 SLIDE_ID = "slide_id"
-_SLIDE_SUFFIXES = {
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".mrxs",
-    ".scn",
-    ".vms",
-    ".vmu",
-    ".bif",
-    ".svslide",
-    ".png",
-}
-_SLIDE_SUFFIXES |= {".jpg", ".jpeg", ".czi", ".dcm", ".isyntax", ".h5"}
+# Suffixes stripped when slides are given as file names (feature files and formats msfm does not read too).
+_SLIDE_SUFFIXES = {*SLIDE_EXTENSIONS, ".czi", ".isyntax", ".h5"}
 
 
 def prob_column(class_name: str, prefix: str = "") -> str:

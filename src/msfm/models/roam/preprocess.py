@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from msfm.data.slides import SLIDE_EXTENSIONS
 from msfm.errors import MsfmInputError
 from msfm.models.roam.encoders import PatchEncoder, build_encoder, encoder_signature, torch_threads_for
 from msfm.models.roam.features import (
@@ -67,20 +68,7 @@ __all__ = [
     "segmentation_thumbnail_size",
 ]
 
-#: File extensions found when a folder is searched for slides (case-insensitive).
-SLIDE_EXTENSIONS = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".mrxs",
-    ".scn",
-    ".vms",
-    ".bif",
-    ".png",
-    ".jpg",
-    ".jpeg",
-)
+
 REPORT_COLUMNS = ["slide_id", "path", "status", "n_roi", "n_background", "seconds", "slide_mpp", "error"]
 # Bump when the per-slide pipeline changes its output, so old files are no longer "done" on resume.
 PIPELINE_VERSION = 1
