@@ -53,9 +53,9 @@ def _train(table: Path, features: Path, run: Path, task: str, *, quick: bool, se
 
 def run_roam_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the ROAM demo into ``out/roam`` and return its metrics (also written to ``out/roam/metrics.json``)."""
-    from msfm.cli.roam_interpret import heatmap
     from msfm.datasets.histology import build_cohort
     from msfm.engine.io import atomic_write_json
+    from msfm.models.roam.heatmaps import write_heatmaps
     from msfm.models.roam.predict import CascadeStage, cascade
     from msfm.models.roam.preprocess import PreprocessConfig, preprocess_slides
 
@@ -129,22 +129,15 @@ def run_roam_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> dic
 
     t0 = time.perf_counter()
     heat_ids = sorted(test_ids)[: (1 if quick else 2)] or list(cohort["slide_id"][:1])
-    heatmap(
-        checkpoint=root / "run_source",
-        features=features,
-        out=root / "heatmaps",
+    write_heatmaps(
+        root / "run_source",
+        features,
+        root / "heatmaps",
         slides=heat_ids,
-        class_name=None,
         top_k=4,
         bottom_k=2,
         roi_maps=1 if quick else 2,
-        method="grad_rollout",
-        row_normalisation=False,
-        colour_by="percentile",
-        slide_dir=None,
         thumbnail_size=1200,
-        alpha=0.4,
-        blur=True,
         roi_px=384,
         device="cpu",
         overwrite=True,

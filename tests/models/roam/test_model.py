@@ -177,3 +177,12 @@ def test_presets_and_parameter_count() -> None:
     tiny = create_model("roam-tiny", d_in=32, n_classes=2)
     assert tiny.config.d_in == 32
     assert sum(p.numel() for p in tiny.parameters()) < 500_000
+
+
+def test_public_api_names_resolve() -> None:
+    import msfm
+    import msfm.models.roam as roam
+
+    for name in roam.__all__:
+        assert getattr(roam, name) is not None, name
+    assert msfm.roam.Roam is Roam
