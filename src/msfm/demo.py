@@ -98,7 +98,7 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> Path:
     counts = sp.csr_matrix(adata.layers["counts"])
 
     # 1. pretrain ------------------------------------------------------------------------------------------
-    steps = 40 if quick else 1500
+    steps = 40 if quick else 1200
     cfg = PretrainRunConfig(preset="scfoundation-tiny").with_overrides(
         {
             "max_steps": steps,

@@ -85,8 +85,7 @@ def test_through_msfm_main(slides: Path, tmp_path: Path) -> None:
     import msfm.cli
 
     names = {g.name for g in msfm.cli.app.registered_groups}
-    if "roam" not in names:
-        pytest.skip("msfm roam is not wired into msfm.cli yet")
+    assert "roam" in names
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
         msfm.cli.main(["roam", "preprocess", str(slides / "blank.tif"), "--out", str(out), *SMALL])
