@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
+
+from msfm.bench._machine import cpu_model, cpu_snapshot, fmt, loadavg, others_cpu_share, peak_rss_mb
 
 logger = logging.getLogger(__name__)
 
@@ -52,54 +53,6 @@ ROIS_PER_SLIDE = 2
 # ----------------------------------------------------------------------------------------------------------
 # machine helpers
 # ----------------------------------------------------------------------------------------------------------
-def _peak_rss_mb() -> float:
-    """Peak RSS of this process (``VmHWM``: its own, unlike ``ru_maxrss`` which survives ``exec``)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
-
-
-def _cpu_snapshot() -> tuple[float, float] | None:
-    """(busy CPU seconds of the machine, CPU seconds of this process and its threads)."""
-    try:
-        fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return None
-    hz = float(os.sysconf("SC_CLK_TCK"))
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return (sum(fields[:8]) - idle) / hz, own.ru_utime + own.ru_stime
-
-
-def _others_share(
-    before: tuple[float, float] | None, after: tuple[float, float] | None, wall: float
-) -> float | None:
-    """Share of the machine's CPU used by other processes while a timed part ran (0 = quiet machine)."""
-    if before is None or after is None or wall <= 0:
-        return None
-    others = (after[0] - before[0]) - (after[1] - before[1])
-    return max(0.0, others / (wall * (os.cpu_count() or 1)))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,7 +202,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
         encoder(encoder.preprocess(np.zeros((4, 256, 256, 3), np.uint8), device=device))
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
-    before = _cpu_snapshot()
+    before = cpu_snapshot()
     t0 = time.perf_counter()
     if job["mode"] == "pipeline":
         report = preprocess_slides(job["slides"], out, config, overwrite=True, progress=False)
@@ -265,7 +218,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
-    after = _cpu_snapshot()
+    after = cpu_snapshot()
     return {
         "mode": job["mode"],
         "encoder": job["encoder"],
@@ -276,8 +229,8 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
         "seconds": wall,
         "rois_per_s": n_roi / wall,
         "patches_per_s": 84 * n_roi / wall,
-        "peak_rss_mb": _peak_rss_mb(),
-        "others_cpu_share": _others_share(before, after, wall),
+        "peak_rss_mb": peak_rss_mb(),
+        "others_cpu_share": others_cpu_share(before, after, wall),
         "threads": int(job["threads"]),
         "batch_size": job["batch_size"] if job["mode"] == "pipeline" else 1,
         "read_threads": job["read_threads"] if job["mode"] == "pipeline" else 0,
@@ -374,7 +327,7 @@ def run_bench(
 
     results: dict[str, Any] = {
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -383,7 +336,7 @@ def run_bench(
             "device": str(dev),
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         },
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
         "quick": quick,
         "notes": [
             "resnet50_trunc runs with RANDOM weights (seeded torchvision-style init): the architecture and hence "
@@ -460,20 +413,12 @@ def run_bench(
     results["rows"] = rows
     results["runs"] = runs
     results["summary"] = summary
-    results["loadavg_end"] = _loadavg()
+    results["loadavg_end"] = loadavg()
     results["total_s"] = time.perf_counter() - t_start
     results["markdown"] = format_markdown(results)
     atomic_write_json(out_dir / "roam_bench.json", results)
     atomic_write_text(out_dir / "roam_bench.md", results["markdown"])
     return results
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    if abs(x) >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}g}"
 
 
 def format_markdown(results: dict[str, Any]) -> str:
@@ -497,16 +442,16 @@ def format_markdown(results: dict[str, Any]) -> str:
         share = r.get("others_cpu_share")
         lines.append(
             f"| {r['encoder']} | {r['weights']} | {path} | {r['n_slides']} | {r['n_roi']} | {r['n_patches']:,} "
-            f"| {_fmt(r['seconds'])} | {_fmt(r['rois_per_s'])} | {_fmt(r['patches_per_s'])} "
-            f"| {_fmt(r.get('speedup_vs_naive')) if r['mode'] == 'pipeline' else '1'} | {r['peak_rss_mb']:,.0f} "
+            f"| {fmt(r['seconds'])} | {fmt(r['rois_per_s'])} | {fmt(r['patches_per_s'])} "
+            f"| {fmt(r.get('speedup_vs_naive')) if r['mode'] == 'pipeline' else '1'} | {r['peak_rss_mb']:,.0f} "
             f"| {'-' if share is None else f'{100 * share:.0f} %'} |"
         )
     lines.append("")
     for enc, s in results.get("summary", {}).items():
         a = s["agreement"]
         lines.append(
-            f"- {enc}: pipeline {_fmt(s['pipeline_rois_per_s'])} ROIs/s vs naive {_fmt(s['naive_rois_per_s'])} ROIs/s "
-            f"= {_fmt(s['speedup'])}x; features of the two paths agree to cosine min {a['cosine_min']:.4f} / mean "
+            f"- {enc}: pipeline {fmt(s['pipeline_rois_per_s'])} ROIs/s vs naive {fmt(s['naive_rois_per_s'])} ROIs/s "
+            f"= {fmt(s['speedup'])}x; features of the two paths agree to cosine min {a['cosine_min']:.4f} / mean "
             f"{a['cosine_mean']:.4f} (they differ only in how each scale is resampled)."
         )
     lines.append("")

@@ -18,14 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from msfm.bench._machine import peak_rss_mb
+
 __all__ = ["format_markdown", "model_flops_per_roi", "run_model_bench"]
-
-
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return float(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def model_flops_per_roi(cfg: Any) -> float:
@@ -89,7 +84,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
         "rois_per_s": k / best,
         "gflops": flops / 1e9,
         "gflop_per_s": flops / best / 1e9,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "params": sum(p.numel() for p in model.parameters()),
     }
 

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,14 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from msfm.bench._machine import peak_rss_mb
+
 logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def encoder_flops(lengths: np.ndarray, dim: int, depth: int, num_bins: int = 100) -> float:
@@ -164,7 +163,7 @@ def _worker_speed(args: dict[str, Any]) -> dict[str, Any]:
         "mean_tokens": float(np.mean(lengths)),
         "encoder_gflop_per_cell": flops / source.n_obs / 1e9,
         "achieved_gflops": flops / elapsed / 1e9,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
@@ -221,7 +220,7 @@ def _worker_rss(args: dict[str, Any]) -> dict[str, Any]:
             gene_panel=list(loaded.panel.symbols),
             preprocessing=preprocessing_record(),
         )
-    base = _peak_rss_mb()
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     out = Path(args["tmp"]) / f"out_{args['n_cells']}.h5ad"
     embed_file(args["data"], out, ckpt, overwrite=True, batch_size=128, device="cpu", progress=False)
@@ -232,7 +231,7 @@ def _worker_rss(args: dict[str, Any]) -> dict[str, Any]:
         "n_cells": args["n_cells"],
         "seconds": elapsed,
         "cells_per_s": args["n_cells"] / elapsed,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "rss_before_embed_mb": base,
         "output_mb": size / 2**20,
     }

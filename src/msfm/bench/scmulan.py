@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
+
+from msfm.bench._machine import cpu_model, cpu_snapshot, fmt, loadavg, others_cpu_share, peak_rss_mb
 
 logger = logging.getLogger(__name__)
 
@@ -65,63 +66,6 @@ SECTIONS = ("annotation", "generation")
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
-def _peak_rss_mb() -> float:
-    """Peak RSS of this process in MB.
-
-    ``VmHWM`` (Linux) belongs to the process's own address space, which starts fresh at ``exec``;
-    ``ru_maxrss`` is carried across ``exec`` from the forking parent, so a worker started by a driver that
-    once held the 368M weights would report the driver's peak.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:  # not Linux
-        return None
-
-
-def _cpu_snapshot() -> tuple[float, float] | None:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process) from /proc/stat and getrusage."""
-    try:
-        fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return None
-    hz = float(os.sysconf("SC_CLK_TCK"))
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    busy = (sum(fields[:8]) - idle) / hz  # user..steal; guest time is already inside user
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return busy, own.ru_utime + own.ru_stime
-
-
-def _others_cpu_share(
-    before: tuple[float, float] | None, after: tuple[float, float] | None, wall: float
-) -> float | None:
-    """Fraction of the machine's CPU time used by OTHER processes during a timed part (0 = quiet machine).
-
-    A timing with a share well above 0 was disturbed by other work on the machine.
-    """
-    if before is None or after is None or wall <= 0:
-        return None
-    others = (after[0] - before[0]) - (after[1] - before[1])
-    return max(0.0, others / (wall * (os.cpu_count() or 1)))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _sync(device: torch.device) -> None:
@@ -473,8 +417,8 @@ def _worker_annotation(job: dict[str, Any]) -> dict[str, Any]:
             warnings.simplefilter("ignore")  # the real PBMCs hold ~10 % of the vocabulary genes (expected)
             mapping = harmonize_genes(adata.var, panel)
             source = CellSource(adata)
-        load_before = _loadavg()
-        cpu_before = _cpu_snapshot()
+        load_before = loadavg()
+        cpu_before = cpu_snapshot()
         if mode == "loop":
             # The release is handed an AnnData already normalised and reduced to its 2,000 genes: not timed.
             x_norm = model_space(mapping.apply(source.rows(np.arange(source.n_obs))), kind=source.kind)
@@ -489,7 +433,7 @@ def _worker_annotation(job: dict[str, Any]) -> dict[str, Any]:
             )
         _sync(device)
         elapsed = time.perf_counter() - t0
-        others = _others_cpu_share(cpu_before, _cpu_snapshot(), elapsed)
+        others = others_cpu_share(cpu_before, cpu_snapshot(), elapsed)
         flops = _annotation_flops(loaded.config, res, mode)
         stem = (
             Path(job["save_dir"]) / f"{job['preset']}_{inp['name']}_{mode}_{precision}_b{job['batch_size']}"
@@ -513,7 +457,7 @@ def _worker_annotation(job: dict[str, Any]) -> dict[str, Any]:
                 "cells_per_s": source.n_obs / elapsed,
                 "gflop_per_cell": flops / source.n_obs / 1e9,
                 "achieved_gflops": flops / elapsed / 1e9,
-                "peak_rss_mb": _peak_rss_mb(),  # cumulative over this process (inputs run shortest first)
+                "peak_rss_mb": peak_rss_mb(),  # cumulative over this process (inputs run shortest first)
                 "load_s": load_s,
                 "quantize_s": quant_s,
                 "threads": torch.get_num_threads(),
@@ -558,14 +502,14 @@ def _worker_generation(job: dict[str, Any]) -> dict[str, Any]:
                 )
 
         run(2, 1)  # warm-up, not timed
-        load_before = _loadavg()
-        cpu_before = _cpu_snapshot()
+        load_before = loadavg()
+        cpu_before = cpu_snapshot()
         _sync(device)
         t0 = time.perf_counter()
         res = run(job["max_new_tokens"], job["seed"])
         _sync(device)
         elapsed = time.perf_counter() - t0
-        others = _others_cpu_share(cpu_before, _cpu_snapshot(), elapsed)
+        others = others_cpu_share(cpu_before, cpu_snapshot(), elapsed)
         n_tok = int(res.n_new.sum())
         stem = Path(job["save_dir"]) / f"{job['preset']}_gen_b{b}_{'cache' if use_cache else 'nocache'}"
         np.save(f"{stem}_ids.npy", res.ids.cpu().numpy())
@@ -582,7 +526,7 @@ def _worker_generation(job: dict[str, Any]) -> dict[str, Any]:
                 "seconds": elapsed,
                 "tokens_per_s": n_tok / elapsed,
                 "ms_per_step": 1e3 * elapsed / max(int(res.ids.shape[1]), 1),
-                "peak_rss_mb": _peak_rss_mb(),
+                "peak_rss_mb": peak_rss_mb(),
                 "load_s": load_s,
                 "threads": torch.get_num_threads(),
                 "loadavg_before": load_before,
@@ -806,7 +750,7 @@ def _run(
     plans = _plans(quick)
     results: dict[str, Any] = {
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "platform": platform.platform(),
@@ -815,7 +759,7 @@ def _run(
             "threads": threads,
             "device": str(dev),
         },
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
         "quick": quick,
         "sections": sections,
         "plans": plans,
@@ -1003,7 +947,7 @@ def _run(
                     )
     for r in [*results.get("annotation", []), *results.get("generation", [])]:
         r.pop("stem", None)
-    results["loadavg_end"] = _loadavg()
+    results["loadavg_end"] = loadavg()
     results["total_s"] = time.perf_counter() - t_start
     results["markdown"] = format_markdown(results)
     atomic_write_json(out / "scmulan_bench.json", results)
@@ -1014,12 +958,6 @@ def _run(
 # ----------------------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------------------
-def _fmt(x: float | None, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    if abs(x) >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}g}"
 
 
 def _others(row: dict[str, Any]) -> str:
@@ -1040,7 +978,7 @@ def format_markdown(results: dict[str, Any]) -> str:
     if "matmul_gflops" in results:
         mm = results["matmul_gflops"]
         shape = results.get("matmul_shape", {})
-        rates = ", ".join(f"{dt} {_fmt(v)} GFLOP/s (m={shape.get(dt, {}).get('m')})" for dt, v in mm.items())
+        rates = ", ".join(f"{dt} {fmt(v)} GFLOP/s (m={shape.get(dt, {}).get('m')})" for dt, v in mm.items())
         lines += [
             f"Matmul rate, F.linear([m,1120], [4480,1120]) (int8 = dynamic quantized Linear), best of "
             f"{next(iter(shape.values()), {}).get('repeats')}: {rates}.",
@@ -1073,8 +1011,8 @@ def format_markdown(results: dict[str, Any]) -> str:
             prec = {"32": "fp32", "bf16": "bf16 autocast", "int8": "int8 dynamic"}[r["precision"]]
             lines.append(
                 f"| {r['preset']} | {r['input']} | {r['mean_prompt_words']:.0f} | {mode} | {prec} | {r['batch_size']} "
-                f"| {r['n_cells']} | {_fmt(r['cells_per_s'])} | {_fmt(r.get('speedup_vs_loop')) if r['mode'] != 'loop' else '1'} "
-                f"| {_fmt(r['gflop_per_cell'])} | {_fmt(r['achieved_gflops'])} | {r['peak_rss_mb']:,.0f} "
+                f"| {r['n_cells']} | {fmt(r['cells_per_s'])} | {fmt(r.get('speedup_vs_loop')) if r['mode'] != 'loop' else '1'} "
+                f"| {fmt(r['gflop_per_cell'])} | {fmt(r['achieved_gflops'])} | {r['peak_rss_mb']:,.0f} "
                 f"| {_others(r)} |"
             )
         lines.append("")
@@ -1106,16 +1044,16 @@ def format_markdown(results: dict[str, Any]) -> str:
         ]
         for preset, inp, e in phys:
             lines.append(
-                f"| {preset} | {inp} | {_fmt(e['flop_ratio_loop_over_batched'])} "
-                f"| {_fmt(e.get('rate_ratio_batched_over_loop_fp32'))} | {_fmt(e.get('best_speedup'))} "
-                f"| {_fmt(e.get('ceiling_speedup_at_fp32_matmul_rate'))} "
-                f"| {_fmt(e.get('ceiling_speedup_at_int8_matmul_rate'))} |"
+                f"| {preset} | {inp} | {fmt(e['flop_ratio_loop_over_batched'])} "
+                f"| {fmt(e.get('rate_ratio_batched_over_loop_fp32'))} | {fmt(e.get('best_speedup'))} "
+                f"| {fmt(e.get('ceiling_speedup_at_fp32_matmul_rate'))} "
+                f"| {fmt(e.get('ceiling_speedup_at_int8_matmul_rate'))} |"
             )
         lines.append("")
     target = results.get("summary", {}).get("target_10x_at_368m")
     if target:
-        best = ", ".join(f"{k}: {_fmt(v)}x" for k, v in target["best_speedup_per_input"].items())
-        fp32 = ", ".join(f"{k}: {_fmt(v)}x" for k, v in target["fp32_speedup_per_input"].items())
+        best = ", ".join(f"{k}: {fmt(v)}x" for k, v in target["best_speedup_per_input"].items())
+        fp32 = ", ".join(f"{k}: {fmt(v)}x" for k, v in target["fp32_speedup_per_input"].items())
         met = ", ".join(target["met_on_inputs"]) or "none"
         lines += [
             f"Target >= 10x the loop at 368M: best speed-up per input (any precision) {best}; fp32 only {fp32}; "
@@ -1132,8 +1070,8 @@ def format_markdown(results: dict[str, Any]) -> str:
         for g in sorted(gen, key=lambda g: (g["preset"], g["batch_size"], not g["use_cache"])):
             lines.append(
                 f"| {g['preset']} | {'yes' if g['use_cache'] else 'no'} | {g['batch_size']} | {g['new_tokens']} "
-                f"({g['max_new_tokens']}/cell) | {_fmt(g['tokens_per_s'])} | {_fmt(g['ms_per_step'])} "
-                f"| {_fmt(g.get('cache_speedup'))} | {_fmt(g.get('identical_tokens_vs_cache'))} | {g['peak_rss_mb']:,.0f} "
+                f"({g['max_new_tokens']}/cell) | {fmt(g['tokens_per_s'])} | {fmt(g['ms_per_step'])} "
+                f"| {fmt(g.get('cache_speedup'))} | {fmt(g.get('identical_tokens_vs_cache'))} | {g['peak_rss_mb']:,.0f} "
                 f"| {_others(g)} |"
             )
         lines.append("")

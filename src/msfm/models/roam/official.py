@@ -25,7 +25,6 @@ __all__ = [
     "to_official_state_dict",
 ]
 
-_SCALES = {"20": "20", "10": "10", "5": "5"}
 _STACKS = {
     "transformer_20": "intra_20",
     "transformer_10": "intra_10",
@@ -44,69 +43,55 @@ _LAYER_PARTS = (
     ("1.fn.net.0.", "ff.fc1."),
     ("1.fn.net.3.", "ff.fc2."),
 )
-_HEAD_PARTS = (
+# One table of (official, ours) key prefixes serves both directions. "{s}" is a scale (20, 10, 5), "{n}" a
+# layer or class index; an entry without a trailing "." names a whole tensor.
+_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("vit.pos_emb_{s}", "pyramid.pos_{s}"),
+    ("vit.cls_token_{s}", "pyramid.cls_{s}"),
+    ("vit.to_patch_embedding_{s}.0.", "pyramid.embed_{s}.norm."),
+    ("vit.to_patch_embedding_{s}.1.", "pyramid.embed_{s}.proj."),
+    *(
+        (f"vit.{stack}.layers.{{n}}.{off}", f"pyramid.{ours_stack}.layers.{{n}}.{ours}")
+        for stack, ours_stack in _STACKS.items()
+        for off, ours in _LAYER_PARTS
+    ),
     ("att_net.attention_a.0.", "mil.norm_a."),
     ("att_net.attention_a.1.", "mil.proj_a."),
     ("att_net.attention_b.0.", "mil.norm_b."),
     ("att_net.attention_b.1.", "mil.proj_b."),
     ("att_net.attention_c.", "mil.score."),
     ("roi_clf.", "roi_head."),
+    ("slide_clfs.{n}.", "slide_heads.{n}."),
 )
 _LAYER_RE = re.compile(r"^vit\.(transformer_(?:20_to_10|10_to_5|20|10|5))\.layers\.(\d+)\.(.+)$")
-_OURS_LAYER_RE = re.compile(
-    r"^pyramid\.(intra_20|intra_10|intra_5|inter_20_10|inter_10_5)\.layers\.(\d+)\.(.+)$"
-)
+
+
+def _compile(prefix: str) -> re.Pattern[str]:
+    pattern = re.escape(prefix).replace(r"\{s\}", "(?P<s>20|10|5)").replace(r"\{n\}", r"(?P<n>\d+)")
+    # A whole-tensor name must match exactly; a module prefix is followed by the parameter name.
+    return re.compile("^" + pattern + ("(?P<rest>.+)$" if prefix.endswith(".") else "(?P<rest>)$"))
+
+
+_FORWARD = tuple((_compile(off), ours) for off, ours in _PREFIXES)
+_BACKWARD = tuple((_compile(ours), off) for off, ours in _PREFIXES)
+
+
+def _translate(key: str, rules: tuple[tuple[re.Pattern[str], str], ...]) -> str | None:
+    for pattern, target in rules:
+        m = pattern.match(key)
+        if m:
+            groups = m.groupdict()
+            out = target.replace("{s}", groups.get("s") or "").replace("{n}", groups.get("n") or "")
+            return out + groups["rest"]
+    return None
 
 
 def _official_to_ours(key: str) -> str | None:
-    m = _LAYER_RE.match(key)
-    if m:
-        stack, layer, rest = m.groups()
-        for off, ours in _LAYER_PARTS:
-            if rest.startswith(off):
-                return f"pyramid.{_STACKS[stack]}.layers.{layer}.{ours}{rest[len(off) :]}"
-        return None
-    m = re.match(r"^vit\.(pos_emb|cls_token)_(20|10|5)$", key)
-    if m:
-        kind, s = m.groups()
-        return f"pyramid.{'pos' if kind == 'pos_emb' else 'cls'}_{s}"
-    m = re.match(r"^vit\.to_patch_embedding_(20|10|5)\.([01])\.(weight|bias)$", key)
-    if m:
-        s, idx, what = m.groups()
-        return f"pyramid.embed_{s}.{'norm' if idx == '0' else 'proj'}.{what}"
-    m = re.match(r"^slide_clfs\.(\d+)\.(norm|fc)\.(weight|bias)$", key)
-    if m:
-        return f"slide_heads.{m.group(1)}.{m.group(2)}.{m.group(3)}"
-    for off, ours in _HEAD_PARTS:
-        if key.startswith(off):
-            return ours + key[len(off) :]
-    return None
+    return _translate(key, _FORWARD)
 
 
 def _ours_to_official(key: str) -> str | None:
-    inverse_stacks = {v: k for k, v in _STACKS.items()}
-    m = _OURS_LAYER_RE.match(key)
-    if m:
-        stack, layer, rest = m.groups()
-        for off, ours in _LAYER_PARTS:
-            if rest.startswith(ours):
-                return f"vit.{inverse_stacks[stack]}.layers.{layer}.{off}{rest[len(ours) :]}"
-        return None
-    m = re.match(r"^pyramid\.(pos|cls)_(20|10|5)$", key)
-    if m:
-        kind, s = m.groups()
-        return f"vit.{'pos_emb' if kind == 'pos' else 'cls_token'}_{s}"
-    m = re.match(r"^pyramid\.embed_(20|10|5)\.(norm|proj)\.(weight|bias)$", key)
-    if m:
-        s, part, what = m.groups()
-        return f"vit.to_patch_embedding_{s}.{0 if part == 'norm' else 1}.{what}"
-    m = re.match(r"^slide_heads\.(\d+)\.(norm|fc)\.(weight|bias)$", key)
-    if m:
-        return f"slide_clfs.{m.group(1)}.{m.group(2)}.{m.group(3)}"
-    for off, ours in _HEAD_PARTS:
-        if key.startswith(ours):
-            return off + key[len(ours) :]
-    return None
+    return _translate(key, _BACKWARD)
 
 
 def convert_official_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
