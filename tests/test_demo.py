@@ -47,3 +47,15 @@ def test_quick_demo_writes_report(tmp_path):
     for sid in rm["heatmap_slides"]:
         assert (tmp_path / "roam" / "heatmaps" / sid / "heatmap.png").stat().st_size > 5_000
     assert (tmp_path / "roam" / "cascade_predictions.csv").is_file()
+    # GeST part
+    assert "## GeST (spatial transcriptomics)" in text
+    gm = metrics["gest"]
+    assert set(gm["generation"]) == {"gest_pick", "gest_weighted", "mean", "knn"}
+    assert all(v["rmse_all"] > 0 for v in gm["generation"].values())
+    assert gm["n_held_out"] > 0
+    assert gm["n_spots"] == 621
+    for mode in ("requantize", "continuous"):
+        assert gm["perturbation"][mode]["n_region_cells"] > 0
+        assert (tmp_path / "gest" / "figures" / f"perturbation_{mode}.png").stat().st_size > 10_000
+    assert set(gm["semi_real"]["niches"]) == {"gest", "expression_pca", "niche_mean_pca"}
+    assert (tmp_path / "gest" / "figures" / "niches_semi_real.png").stat().st_size > 10_000

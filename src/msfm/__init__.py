@@ -20,6 +20,7 @@ _LAZY = {
     "scfoundation": "msfm.models.scfoundation",
     "scmulan": "msfm.models.scmulan",
     "roam": "msfm.models.roam",
+    "gest": "msfm.models.gest",
     "engine": "msfm.engine",
     "eval": "msfm.eval",
     "pl": "msfm.pl",

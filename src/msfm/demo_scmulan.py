@@ -112,7 +112,7 @@ def run_scmulan_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> 
     test_cells = adata[np.sort(idx_test)].copy()
 
     # 1. train ------------------------------------------------------------------------------------------------
-    steps = 30 if quick else 1200
+    steps = 30 if quick else 1000
     cfg = ScMulanTrainConfig(
         preset="scmulan-tiny",
         meta_columns={"cell_type": "cell_type", "coarse_cell_type": "lineage"},

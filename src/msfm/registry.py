@@ -32,6 +32,7 @@ PRESET_MODULES: tuple[str, ...] = (
     "msfm.models.scfoundation.presets",
     "msfm.models.scmulan.presets",
     "msfm.models.roam.presets",
+    "msfm.models.gest.presets",
 )
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])

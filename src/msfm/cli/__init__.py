@@ -13,6 +13,7 @@ import sys
 import typer
 
 from msfm._version import __version__
+from msfm.cli.gest import app as gest_app
 from msfm.cli.roam import app as roam_app
 from msfm.cli.scfoundation import app as scfoundation_app
 from msfm.cli.scmulan import app as scmulan_app
@@ -28,6 +29,7 @@ app = typer.Typer(
 app.add_typer(scfoundation_app, name="scfoundation")
 app.add_typer(scmulan_app, name="scmulan")
 app.add_typer(roam_app, name="roam")
+app.add_typer(gest_app, name="gest")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(bench_app, name="bench")
 app.command("demo")(demo)

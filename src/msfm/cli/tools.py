@@ -130,6 +130,40 @@ def bench_roam_model(
     typer.echo(results["markdown"])
 
 
+@bench_app.command("gest")
+def bench_gest(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the JSON results.")] = Path(
+        "bench_out"
+    ),
+    steps: Annotated[int, typer.Option(help="Training steps of the quality run.")] = 1500,
+    preset: Annotated[str, typer.Option(help="Model preset of the quality run.")] = "gest-small",
+    n_metacells: Annotated[int, typer.Option(help="Meta-cell vocabulary size.")] = 128,
+    speed_presets: Annotated[str, typer.Option(help="Comma list of presets for the KV-cache speed run.")] = (
+        "gest-small,gest-l8h8"
+    ),
+    n_cells: Annotated[int, typer.Option(help="Cells per window in the speed run.")] = 500,
+    n_context: Annotated[int, typer.Option(help="Known cells per window in the speed run.")] = 100,
+    threads: Annotated[int, typer.Option(help="torch CPU threads of the speed run.")] = 2,
+    skip_quality: Annotated[bool, typer.Option("--skip-quality", help="Only the speed run.")] = False,
+    skip_speed: Annotated[bool, typer.Option("--skip-speed", help="Only the quality run.")] = False,
+) -> None:
+    """GeST: held-out generation vs baselines and niche AMI/ARI on real data; KV-cache generation speed."""
+    from msfm.bench.gest import run_quality_bench, run_speed_bench
+
+    if not skip_quality:
+        res = run_quality_bench(out, preset=preset, steps=steps, n_metacells=n_metacells)
+        typer.echo(res["markdown"])
+    if not skip_speed:
+        speed = run_speed_bench(
+            out,
+            presets=tuple(p.strip() for p in speed_presets.split(",") if p.strip()),
+            n_cells=n_cells,
+            n_context=n_context,
+            threads=threads,
+        )
+        typer.echo(speed["markdown"])
+
+
 def _register_roam_bench() -> None:
     from msfm.bench.roam import register_bench
 

@@ -120,8 +120,8 @@ class CellSource:
             self.kind = "normalized"
             warnings.warn(
                 f"pre_normalized=True: the values of {self.matrix_name} are used as already log-normalised "
-                "(log1p(x / total * 1e4)); the source depth S is then computed from their sum (official scFoundation "
-                "behaviour), not from a read depth.",
+                "(log1p(x / total * 1e4)); no read depth is known (scFoundation then computes its depth token S "
+                "from their sum, as the official code does).",
                 UserWarning,
                 stacklevel=2,
             )

@@ -11,8 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 from msfm.datasets.pbmc import pbmc68k, pbmc68k_resampled, write_backed_h5ad
+from msfm.datasets.spatial import scc_st, semi_real_tissue, visium_demo
 
-__all__ = ["list_datasets", "pbmc68k", "pbmc68k_resampled", "write_backed_h5ad"]
+__all__ = [
+    "list_datasets",
+    "pbmc68k",
+    "pbmc68k_resampled",
+    "scc_st",
+    "semi_real_tissue",
+    "visium_demo",
+    "write_backed_h5ad",
+]
 
 
 def list_datasets() -> dict[str, dict[str, Any]]:
@@ -24,6 +33,7 @@ def list_datasets() -> dict[str, dict[str, Any]]:
     """
     from msfm.datasets import pbmc
     from msfm.datasets.histology import histology_info
+    from msfm.datasets.spatial import spatial_info
 
     return {
         "pbmc68k": {
@@ -49,4 +59,5 @@ def list_datasets() -> dict[str, dict[str, Any]]:
             "derived": True,
         },
         **histology_info(),
+        **spatial_info(),
     }

@@ -33,6 +33,8 @@ _LAZY = {
     # training (Lightning)
     "MsfmLightningModule": "msfm.engine.module",
     "OptimConfig": "msfm.engine.module",
+    "BatchStream": "msfm.engine.sampler",
+    "rank_world": "msfm.engine.sampler",
     "ResumableDataLoader": "msfm.engine.sampler",
     "ResumableSampler": "msfm.engine.sampler",
     "ExportCallback": "msfm.engine.trainer",

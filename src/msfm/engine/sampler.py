@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -27,7 +28,7 @@ from msfm.errors import MsfmInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ResumableDataLoader", "ResumableSampler"]
+__all__ = ["BatchStream", "ResumableDataLoader", "ResumableSampler", "rank_world"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -214,3 +215,41 @@ class ResumableDataLoader(DataLoader):
         self.sampler.set_epoch(epoch)
         self.sampler.skip_next(batches * (self.batch_size or 1), epoch=epoch)
         logger.info("data loader resumes epoch %d after %d batches", epoch, batches)
+
+
+def rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: from the process group, else from Lightning's environment."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    # Lightning sets these before the process group exists (e.g. while building dataloaders).
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """Endless stream of collated micro-batches whose content is a pure function of the batch index.
+
+    Subclasses implement :meth:`batch`: micro-batch ``m`` of ``rank`` out of ``world``. Iteration starts at
+    ``skip_batches`` (the micro-batches per rank a resumed run already consumed) in O(1), and DataLoader workers
+    take every ``n_workers``-th micro-batch, so a resumed run sees exactly what an uninterrupted run would have.
+
+    Args:
+        skip_batches: micro-batches (per rank) already consumed.
+    """
+
+    def __init__(self, *, skip_batches: int = 0) -> None:
+        super().__init__()
+        self.skip_batches = int(skip_batches)
+
+    def batch(self, m: int, rank: int = 0, world: int = 1) -> Any:
+        """Collated micro-batch ``m`` of ``rank``."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Any]:
+        rank, world = rank_world()
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader takes batches from its workers in turn, so worker w makes every n-th micro-batch.
+        m = self.skip_batches + worker
+        while True:
+            yield self.batch(m, rank, world)
+            m += n_workers

@@ -1,4 +1,4 @@
-"""Tokenizers: panel-aligned count rows -> model input tensors."""
+"""Tokenizers: panel-aligned count rows -> model input tensors; spatial windows -> GeST cell sequences."""
 
 from __future__ import annotations
 
@@ -16,16 +16,32 @@ from msfm.tokenizers.gene_panel import (
     depth_tokens,
     normalize_rows,
 )
+from msfm.tokenizers.spatial import (
+    MetaCellVocab,
+    Window,
+    WindowSampler,
+    normalize_positions,
+    serialize,
+    tile_windows,
+    window_cells,
+)
 
 __all__ = [
     "SCFOUNDATION_NUM_GENES",
     "CellSentenceTokenizer",
     "CellSentenceVocab",
     "EncodedCells",
+    "MetaCellVocab",
     "ScFoundationTokenizer",
     "Sentences",
     "TargetDepth",
+    "Window",
+    "WindowSampler",
     "bin_levels",
     "depth_tokens",
+    "normalize_positions",
     "normalize_rows",
+    "serialize",
+    "tile_windows",
+    "window_cells",
 ]

@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from msfm.data import CellSource, GeneMapping, GenePanel, harmonize_genes
 from msfm.engine.module import MsfmLightningModule, OptimConfig
+from msfm.engine.sampler import BatchStream
 from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit, last_checkpoint
 from msfm.errors import MsfmInputError
 from msfm.models.scmulan.config import ScMulanConfig
@@ -545,14 +546,7 @@ def _support(cells: _Cells, names: list[str], bucket_of: np.ndarray) -> np.ndarr
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    # Lightning sets these before the process group exists.
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-class ScMulanExampleStream(torch.utils.data.IterableDataset):
+class ScMulanExampleStream(BatchStream):
     """Endless, exactly reproducible stream of collated training batches.
 
     Example ``k`` (a global index over all ranks): epoch ``e = k // N`` and position ``p = k % N`` pick cell
@@ -587,7 +581,7 @@ class ScMulanExampleStream(torch.utils.data.IterableDataset):
         skip_batches: int = 0,
         stream: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(skip_batches=skip_batches)
         self.cells = cells
         self.sampler = sampler
         self.cell_ids = np.asarray(cell_ids, dtype=np.int64)
@@ -596,7 +590,6 @@ class ScMulanExampleStream(torch.utils.data.IterableDataset):
         self.buckets = buckets
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-        self.skip_batches = int(skip_batches)
         self.stream = int(stream)  # 0 = training draws, 1 = validation draws (independent generators)
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -643,16 +636,6 @@ class ScMulanExampleStream(torch.utils.data.IterableDataset):
         """Collated micro-batch ``m`` of ``rank``."""
         first = (int(m) * world + rank) * self.batch_size
         return collate_examples(self.examples(range(first, first + self.batch_size)), self.sampler.vocab)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        rank, world = _rank_world()
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # The DataLoader takes batches from its workers in turn, so worker w makes every n-th micro-batch.
-        m = self.skip_batches + worker
-        while True:
-            yield self.batch(m, rank, world)
-            m += n_workers
 
 
 class _ValExamples(torch.utils.data.Dataset):

@@ -1,0 +1,516 @@
+"""Spatial coordinates: validation, unit conversion to micrometres and an own 10x Visium (Space Ranger) reader.
+
+Convention used across msfm: ``adata.obsm["spatial"]`` holds ``[n, 2]`` coordinates ``(x, y)``; a *scale* (µm per
+unit of ``obsm``) converts them to micrometres; tissue sections are told apart by an ``obs`` column
+(``section_key``). :func:`spatial_coords` checks all of this once and returns a :class:`SpatialCoords`.
+
+Visium geometry (used by :func:`read_visium`): spots sit on a hexagonal lattice with 100 µm centre-to-centre
+spacing. Space Ranger's ``scalefactors_json.json`` gives ``spot_diameter_fullres``, which 10x Genomics defines as
+the number of full-resolution pixels spanning a *theoretical 65 µm spot* (the capture spots themselves are 55 µm
+wide). So ``µm per pixel = 65 / spot_diameter_fullres``; with this factor the bundled Visium positions have a
+median nearest-neighbour distance of 100.3 µm, as the slide design says (55 µm would give 84.9 µm).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from msfm.errors import MsfmInputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "VISIUM_SPOT_DIAMETER_UM",
+    "SpatialCoords",
+    "read_visium",
+    "spatial_coords",
+    "visium_positions",
+]
+
+PathLike = str | os.PathLike[str]
+
+#: Diameter in µm of the theoretical spot whose width in pixels Space Ranger reports as ``spot_diameter_fullres``.
+VISIUM_SPOT_DIAMETER_UM = 65.0
+#: Half-width in µm of the uniform jitter that ``duplicates="jitter"`` adds to repeated coordinates.
+JITTER_HALF_WIDTH_UM = 0.25
+
+_DUPLICATE_MODES = ("error", "keep", "jitter")
+_POSITION_FILES = ("tissue_positions.csv", "tissue_positions_list.csv")  # Space Ranger >= 2.0, then 1.x
+_POSITION_COLUMNS = [
+    "barcode",
+    "in_tissue",
+    "array_row",
+    "array_col",
+    "pxl_row_in_fullres",
+    "pxl_col_in_fullres",
+]
+_IMAGES = {"hires": "tissue_hires_image.png", "lowres": "tissue_lowres_image.png"}
+
+
+# --------------------------------------------------------------------------------------------- coordinates
+@dataclass(frozen=True)
+class SpatialCoords:
+    """Validated coordinates of every cell/spot, in micrometres, with their section.
+
+    Attributes:
+        xy: ``[n, 2]`` float64 positions ``(x, y)`` in µm (``obsm[key] * scale``; a fresh array).
+        section: ``[n]`` int64 section code of each row, an index into ``section_names``.
+        section_names: Name of each section (``["all"]`` when no ``section_key`` was given).
+        scale: µm per unit of ``adata.obsm[key]``.
+        key: The ``obsm`` key the coordinates were read from.
+        n_jittered: Rows moved by ``duplicates="jitter"`` (0 otherwise).
+
+    Shape:
+        xy ``[n, 2]``; section ``[n]``.
+    """
+
+    xy: np.ndarray
+    section: np.ndarray
+    section_names: list[str]
+    scale: float
+    key: str
+    n_jittered: int = field(default=0)
+
+    def __len__(self) -> int:
+        return int(self.xy.shape[0])
+
+    @property
+    def n_sections(self) -> int:
+        """Number of sections."""
+        return len(self.section_names)
+
+    def indices(self, section: int) -> np.ndarray:
+        """Row indices (int64, ascending) of the cells in section code ``section``."""
+        return np.flatnonzero(self.section == section).astype(np.int64)
+
+
+def _scale_from(adata: ad.AnnData, scale: float | None) -> float:
+    if scale is None:
+        info = adata.uns.get("msfm_spatial")
+        scale = 1.0
+        if isinstance(info, dict) and "um_per_unit" in info:
+            scale = info["um_per_unit"]
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (np.isfinite(value) and value > 0):
+        msg = (
+            f"spatial_coords: scale={scale!r} is not a positive number. The scale is the number of micrometres per "
+            "unit of adata.obsm coordinates (1.0 if they are already in µm, e.g. 0.2125 for Xenium pixels); pass "
+            "scale=<µm per unit> or set adata.uns['msfm_spatial'] = {'unit': 'um', 'um_per_unit': <value>}."
+        )
+        raise MsfmInputError(msg)
+    return value
+
+
+def _sections(adata: ad.AnnData, section_key: str | None) -> tuple[np.ndarray, list[str]]:
+    n = adata.n_obs
+    if section_key is None:
+        return np.zeros(n, dtype=np.int64), ["all"]
+    if section_key not in adata.obs.columns:
+        msg = (
+            f"spatial_coords: section_key={section_key!r} is not a column of adata.obs (columns: "
+            f"{list(adata.obs.columns)}). Pass the obs column that names each cell's tissue section, or "
+            "section_key=None if all cells come from one section."
+        )
+        raise MsfmInputError(msg)
+    col = adata.obs[section_key]
+    missing = col.isna().to_numpy()
+    if missing.any():
+        msg = (
+            f"spatial_coords: adata.obs[{section_key!r}] is missing for {int(missing.sum())} cells (e.g. "
+            f"{list(adata.obs_names[missing][:3])}). Every cell needs a section; fill or drop those cells."
+        )
+        raise MsfmInputError(msg)
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        # Keep the user's category order, dropping categories that no cell uses.
+        cat = col.cat.remove_unused_categories()
+        names = [str(c) for c in cat.cat.categories]
+        codes = cat.cat.codes.to_numpy().astype(np.int64)
+    else:
+        cat = pd.Categorical(col.astype(str).to_numpy())
+        names = [str(c) for c in cat.categories]
+        codes = np.asarray(cat.codes, dtype=np.int64)
+    return codes, names
+
+
+def _duplicate_groups(xy: np.ndarray, section: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose (section, x, y) repeats an earlier row, and the first row each one repeats.
+
+    Returns:
+        ``(dup_rows, first_rows)``, both int64 and aligned.
+    """
+    table = pd.DataFrame({"s": section, "x": xy[:, 0], "y": xy[:, 1]})
+    dup = table.duplicated(keep="first").to_numpy()
+    if not dup.any():
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    group = table.groupby(["s", "x", "y"], sort=False).ngroup().to_numpy()
+    first_of_group = pd.Series(np.arange(len(table))).groupby(group).transform("min").to_numpy()
+    rows = np.flatnonzero(dup).astype(np.int64)
+    return rows, first_of_group[rows].astype(np.int64)
+
+
+def spatial_coords(
+    adata: ad.AnnData,
+    *,
+    key: str = "spatial",
+    scale: float | None = None,
+    section_key: str | None = None,
+    duplicates: Literal["error", "keep", "jitter"] = "error",
+) -> SpatialCoords:
+    """Read, check and convert the spatial coordinates of ``adata`` to micrometres.
+
+    Args:
+        adata: Cells or spots with coordinates in ``adata.obsm[key]`` (not modified).
+        key: ``obsm`` key of the ``[n, 2]`` ``(x, y)`` coordinates.
+        scale: µm per unit of ``obsm[key]``. ``None`` reads ``adata.uns["msfm_spatial"]["um_per_unit"]`` when
+            present, else 1.0 (coordinates already in µm).
+        section_key: ``obs`` column naming each cell's tissue section; ``None`` means one section. Coordinates
+            of different sections are independent (they may overlap).
+        duplicates: What to do when two cells of one section share the same position: ``"error"`` (default)
+            raises; ``"keep"`` leaves them as they are (ties stay in row order, so anything that sorts by
+            position stays deterministic); ``"jitter"`` moves every repeat (not the first occurrence) by a
+            seeded uniform offset in ``[-0.25, 0.25]`` µm per axis (``np.random.default_rng(0)``: the same input
+            always gets the same jitter), so positions become distinct without changing any neighbourhood.
+
+    Returns:
+        A :class:`SpatialCoords` with ``xy`` in µm (float64, a new array).
+
+    Raises:
+        MsfmInputError: missing key, wrong shape or dtype, NaN/inf values, unknown ``section_key``, bad
+            ``scale`` or ``duplicates``, or duplicated positions with ``duplicates="error"``.
+
+    Shape:
+        ``obsm[key]``: ``[n, 2]`` -> ``xy``: ``[n, 2]``, ``section``: ``[n]``.
+    """
+    if duplicates not in _DUPLICATE_MODES:
+        msg = f"spatial_coords: duplicates={duplicates!r}; use one of {', '.join(repr(m) for m in _DUPLICATE_MODES)}."
+        raise MsfmInputError(msg)
+    if key not in adata.obsm:
+        available = list(adata.obsm.keys())
+        msg = (
+            f"spatial_coords: adata.obsm has no key {key!r} (available obsm keys: {available or 'none'}). Set "
+            "adata.obsm['spatial'] = coordinates in micrometres (an [n_obs, 2] array of x, y), or pass key=<the "
+            "obsm key that holds them> and scale=<µm per unit> if they are in pixels."
+        )
+        raise MsfmInputError(msg)
+    raw = adata.obsm[key]
+    raw = raw.to_numpy() if isinstance(raw, pd.DataFrame) else np.asarray(raw)
+    if raw.ndim != 2 or raw.shape[0] != adata.n_obs or raw.shape[1] != 2:
+        msg = (
+            f"spatial_coords: adata.obsm[{key!r}] has shape {raw.shape}, expected ({adata.n_obs}, 2) (one (x, y) "
+            "row per cell). If it holds (x, y, z) or more columns, store the two planar ones: "
+            f"adata.obsm[{key!r}] = adata.obsm[{key!r}][:, :2]."
+        )
+        raise MsfmInputError(msg)
+    if adata.n_obs == 0:
+        msg = "spatial_coords: adata has no cells (n_obs = 0); nothing to place."
+        raise MsfmInputError(msg)
+    if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == bool):
+        msg = (
+            f"spatial_coords: adata.obsm[{key!r}] has dtype {raw.dtype}, expected numbers. Convert it with "
+            f"adata.obsm[{key!r}] = adata.obsm[{key!r}].astype(float)."
+        )
+        raise MsfmInputError(msg)
+    unit_scale = _scale_from(adata, scale)
+    xy = raw.astype(np.float64) * unit_scale  # astype copies: the user's array is never touched
+    bad = ~np.isfinite(xy).all(axis=1)
+    if bad.any():
+        msg = (
+            f"spatial_coords: adata.obsm[{key!r}] has NaN or infinite values in {int(bad.sum())} of {adata.n_obs} "
+            f"rows (e.g. {list(adata.obs_names[bad][:3])}). Drop those cells (adata = adata[np.isfinite("
+            f"adata.obsm[{key!r}]).all(axis=1)].copy()) or fill in their positions."
+        )
+        raise MsfmInputError(msg)
+    section, names = _sections(adata, section_key)
+
+    n_jittered = 0
+    if duplicates != "keep":
+        rows, firsts = _duplicate_groups(xy, section)
+        if rows.size and duplicates == "error":
+            examples = ", ".join(
+                f"{adata.obs_names[r]!r} = {adata.obs_names[f]!r} at ({xy[r, 0]:g}, {xy[r, 1]:g}) µm"
+                for r, f in zip(rows[:3], firsts[:3], strict=True)
+            )
+            where = "within a section" if section_key is not None else "(one section: no section_key given)"
+            msg = (
+                f"spatial_coords: {rows.size} cells repeat the position of another cell {where}; e.g. {examples}. "
+                "If the data hold several sections, pass section_key=<obs column>. Otherwise choose "
+                "duplicates='keep' (leave ties) or duplicates='jitter' (seeded sub-micron offsets)."
+            )
+            raise MsfmInputError(msg)
+        if rows.size:
+            rng = np.random.default_rng(0)
+            xy[rows] += rng.uniform(-JITTER_HALF_WIDTH_UM, JITTER_HALF_WIDTH_UM, size=(rows.size, 2))
+            n_jittered = int(rows.size)
+            logger.info(
+                "spatial_coords: jittered %d repeated positions by <= %g µm", n_jittered, JITTER_HALF_WIDTH_UM
+            )
+    return SpatialCoords(
+        xy=xy, section=section, section_names=names, scale=unit_scale, key=key, n_jittered=n_jittered
+    )
+
+
+# --------------------------------------------------------------------------------------------------- Visium
+def _spatial_dir(path: Path) -> Path:
+    if not path.is_dir():
+        msg = (
+            f"Visium folder {str(path)!r} does not exist or is not a folder. Pass the Space Ranger 'outs' folder "
+            "(it holds filtered_feature_bc_matrix.h5 and spatial/)."
+        )
+        raise MsfmInputError(msg)
+    spatial = path / "spatial"
+    if not spatial.is_dir():
+        msg = (
+            f"Visium folder {str(path)!r} has no 'spatial' subfolder (found: {sorted(p.name for p in path.iterdir())}). "
+            "Pass the Space Ranger 'outs' folder, which holds spatial/tissue_positions[_list].csv and "
+            "spatial/scalefactors_json.json."
+        )
+        raise MsfmInputError(msg)
+    return spatial
+
+
+def visium_positions(path: PathLike) -> pd.DataFrame:
+    """Every spot of a Visium slide (in and out of tissue) from ``spatial/tissue_positions[_list].csv``.
+
+    Space Ranger 1.x writes ``tissue_positions_list.csv`` without a header; 2.x writes ``tissue_positions.csv``
+    with one. Both are read (the 2.x name first).
+
+    Args:
+        path: Space Ranger ``outs`` folder (or any folder with a ``spatial/`` subfolder laid out the same way).
+
+    Returns:
+        DataFrame indexed by barcode with ``in_tissue`` (int), ``array_row``, ``array_col`` (int, the hexagonal
+        array grid: ``array_col`` steps by 2 along a row), ``pxl_row_in_fullres``, ``pxl_col_in_fullres``
+        (float, full-resolution image pixels).
+
+    Raises:
+        MsfmInputError: the folder, the positions file or one of its columns is missing.
+    """
+    spatial = _spatial_dir(Path(path))
+    found = next((spatial / name for name in _POSITION_FILES if (spatial / name).is_file()), None)
+    if found is None:
+        msg = (
+            f"Visium folder {str(path)!r}: spatial/ has neither {' nor '.join(_POSITION_FILES)} (found: "
+            f"{sorted(p.name for p in spatial.iterdir())}). Copy the positions file from Space Ranger's outs/spatial."
+        )
+        raise MsfmInputError(msg)
+    with found.open() as fh:
+        first = fh.readline()
+    has_header = first.split(",")[0].strip().lower() == "barcode"
+    try:
+        table = pd.read_csv(found, header=0 if has_header else None, dtype={0: str})
+    except (ValueError, pd.errors.ParserError) as err:
+        msg = f"Could not parse the Visium positions file {found}: {err}."
+        raise MsfmInputError(msg) from err
+    if table.shape[1] != len(_POSITION_COLUMNS):
+        msg = (
+            f"Visium positions file {found} has {table.shape[1]} columns, expected {len(_POSITION_COLUMNS)}: "
+            f"{', '.join(_POSITION_COLUMNS)}."
+        )
+        raise MsfmInputError(msg)
+    table.columns = _POSITION_COLUMNS
+    table["barcode"] = table["barcode"].astype(str)
+    if table["barcode"].duplicated().any():
+        msg = f"Visium positions file {found} lists some barcodes twice; the file is damaged."
+        raise MsfmInputError(msg)
+    table = table.set_index("barcode")
+    table.index.name = None
+    for col in ("in_tissue", "array_row", "array_col"):
+        table[col] = table[col].astype(np.int64)
+    for col in ("pxl_row_in_fullres", "pxl_col_in_fullres"):
+        table[col] = table[col].astype(np.float64)
+    table.attrs["source_file"] = found.name
+    return table
+
+
+def _scalefactors(spatial: Path) -> dict[str, float]:
+    path = spatial / "scalefactors_json.json"
+    if not path.is_file():
+        msg = (
+            f"Visium folder {str(spatial.parent)!r}: spatial/scalefactors_json.json is missing. It is needed to "
+            "convert pixels to micrometres; copy it from Space Ranger's outs/spatial."
+        )
+        raise MsfmInputError(msg)
+    factors = json.loads(path.read_text())
+    diameter = factors.get("spot_diameter_fullres")
+    if not isinstance(diameter, int | float) or not np.isfinite(diameter) or diameter <= 0:
+        msg = f"{path}: 'spot_diameter_fullres' is {diameter!r}, expected a positive number of pixels."
+        raise MsfmInputError(msg)
+    return {str(k): float(v) for k, v in factors.items() if isinstance(v, int | float)}
+
+
+def _read_images(spatial: Path) -> dict[str, np.ndarray]:
+    from PIL import Image
+
+    images: dict[str, np.ndarray] = {}
+    for res, name in _IMAGES.items():
+        path = spatial / name
+        if path.is_file():
+            with Image.open(path) as img:
+                # RGB uint8, whatever the PNG mode (the hires image of some Space Ranger versions is RGBA).
+                images[res] = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return images
+
+
+def _decode(values: np.ndarray) -> np.ndarray:
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+
+
+def _read_counts_h5(path: Path) -> ad.AnnData:
+    """Read a Space Ranger / Cell Ranger >= 3 HDF5 matrix (``/matrix``) directly with h5py.
+
+    This avoids importing scanpy (seconds) for the common case; the older Cell Ranger 2 layout (one group per
+    genome) goes through :func:`msfm.data.readers.read`. Like scanpy, only "Gene Expression" features are kept.
+    """
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            if "matrix" not in fh:
+                from msfm.data.readers import read
+
+                return read(path)
+            m = fh["matrix"]
+            n_features, n_barcodes = (int(v) for v in m["shape"][()])
+            # 10x stores features x barcodes in CSC form: one column (indptr slice) per barcode.
+            by_gene = sp.csc_matrix(
+                (m["data"][()], m["indices"][()], m["indptr"][()]), shape=(n_features, n_barcodes)
+            )
+            barcodes = _decode(m["barcodes"][()])
+            feats = m["features"]
+            var = pd.DataFrame(
+                {"gene_ids": _decode(feats["id"][()]), "feature_types": _decode(feats["feature_type"][()])},
+                index=pd.Index(_decode(feats["name"][()]).astype(str)),
+            )
+            if "genome" in feats:
+                var["genome"] = _decode(feats["genome"][()])
+    except (OSError, KeyError, ValueError) as err:
+        msg = (
+            f"Could not read {str(path)!r} as a 10x Genomics HDF5 counts file ({type(err).__name__}: {err})."
+        )
+        raise MsfmInputError(msg) from err
+    x = sp.csr_matrix(by_gene.T, dtype=np.float32)
+    keep = (var["feature_types"] == "Gene Expression").to_numpy()
+    if not keep.all():
+        var, x = var[keep], x[:, np.flatnonzero(keep)]
+    adata = ad.AnnData(X=x, obs=pd.DataFrame(index=pd.Index(barcodes.astype(str))), var=var)
+    if adata.var_names.has_duplicates:
+        logger.info(
+            "%s: making duplicated gene symbols unique; Ensembl ids stay in var['gene_ids']", path.name
+        )
+        adata.var_names_make_unique()
+    return adata
+
+
+def _counts_metadata(h5: Path) -> dict[str, Any]:
+    import h5py
+
+    out: dict[str, Any] = {}
+    with h5py.File(h5, "r") as fh:
+        for key in ("chemistry_description", "software_version", "library_ids"):
+            if key in fh.attrs:
+                value = fh.attrs[key]
+                value = value[0] if isinstance(value, np.ndarray) and value.size else value
+                out[key] = value.decode() if isinstance(value, bytes) else str(value)
+    return out
+
+
+def read_visium(
+    path: PathLike,
+    *,
+    counts_file: str = "filtered_feature_bc_matrix.h5",
+    library_id: str | None = None,
+    spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
+) -> ad.AnnData:
+    """Read a 10x Visium Space Ranger ``outs`` folder (counts, spot positions, images) without scanpy.read_visium.
+
+    Positions (full-resolution pixels) are converted to µm with ``um_per_pixel = spot_diameter_um /
+    spot_diameter_fullres``; ``spot_diameter_fullres`` spans a theoretical 65 µm spot (10x Genomics' definition),
+    which puts neighbouring spots 100 µm apart.
+
+    Args:
+        path: The ``outs`` folder: ``<counts_file>`` and ``spatial/`` with ``tissue_positions.csv`` (2.x) or
+            ``tissue_positions_list.csv`` (1.x), ``scalefactors_json.json`` and optionally
+            ``tissue_hires_image.png`` / ``tissue_lowres_image.png``.
+        counts_file: 10x HDF5 counts file inside ``path``.
+        library_id: Key under ``uns["spatial"]``; default the library id stored in the counts file, else the
+            folder name.
+        spot_diameter_um: µm spanned by ``spot_diameter_fullres`` pixels (keep 65 unless the data say otherwise).
+
+    Returns:
+        AnnData (spots x genes): raw counts in ``X`` and ``layers["counts"]`` (float32 CSR); ``var`` symbols with
+        ``gene_ids``; ``obs`` ``in_tissue``, ``array_row``, ``array_col``; ``obsm["spatial"]`` ``(x, y) =
+        (pxl_col, pxl_row) * um_per_pixel`` in µm; ``uns["spatial"][library_id]`` = ``{"images": {"hires"|"lowres":
+        uint8 [h, w, 3]}, "scalefactors": {...}, "metadata": {...}}`` (scanpy/squidpy layout; the images stay in
+        pixel units, so plot with the scale factor times ``1 / um_per_pixel``); ``uns["msfm_spatial"]`` =
+        ``{"unit": "um", "um_per_unit": 1.0, "um_per_pixel": ..., "source": ...}``.
+
+    Raises:
+        MsfmInputError: a missing folder or file (named), or counts barcodes absent from the positions file.
+
+    Shape:
+        ``obsm["spatial"]``: ``[n_spots, 2]`` float64.
+    """
+    root = Path(path)
+    spatial = _spatial_dir(root)
+    h5 = root / counts_file
+    if not h5.is_file():
+        msg = (
+            f"Visium folder {str(root)!r}: the counts file {counts_file!r} is missing (found: "
+            f"{sorted(p.name for p in root.iterdir())}). Pass counts_file=<name of the 10x .h5 file>."
+        )
+        raise MsfmInputError(msg)
+    if not (np.isfinite(spot_diameter_um) and spot_diameter_um > 0):
+        msg = f"read_visium: spot_diameter_um={spot_diameter_um!r} must be a positive number of micrometres."
+        raise MsfmInputError(msg)
+    factors = _scalefactors(spatial)
+    positions = visium_positions(root)
+    adata = _read_counts_h5(h5)
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    barcodes = adata.obs_names
+    missing = ~barcodes.isin(positions.index)
+    if missing.any():
+        msg = (
+            f"{h5.name}: {int(missing.sum())} of {len(barcodes)} barcodes are not in "
+            f"spatial/{positions.attrs['source_file']} (e.g. {list(barcodes[missing][:3])}). The counts and the "
+            "positions come from different runs; use the files of one Space Ranger output."
+        )
+        raise MsfmInputError(msg)
+    pos = positions.loc[barcodes]
+    um_per_pixel = spot_diameter_um / factors["spot_diameter_fullres"]
+    for col in ("in_tissue", "array_row", "array_col"):
+        adata.obs[col] = pos[col].to_numpy()
+    adata.obsm["spatial"] = np.column_stack(
+        [
+            pos["pxl_col_in_fullres"].to_numpy() * um_per_pixel,
+            pos["pxl_row_in_fullres"].to_numpy() * um_per_pixel,
+        ]
+    )
+    adata.layers["counts"] = adata.X.copy()
+    meta = _counts_metadata(h5)
+    lib = library_id or meta.pop("library_ids", None) or root.name
+    meta.pop("library_ids", None)
+    adata.uns["spatial"] = {
+        str(lib): {"images": _read_images(spatial), "scalefactors": factors, "metadata": meta},
+    }
+    adata.uns["msfm_spatial"] = {
+        "unit": "um",
+        "um_per_unit": 1.0,
+        "um_per_pixel": float(um_per_pixel),
+        "spot_diameter_um": float(spot_diameter_um),
+        "source": f"{root.resolve()} ({counts_file}, spatial/{positions.attrs['source_file']})",
+        "library_id": str(lib),
+    }
+    return adata
