@@ -14,6 +14,7 @@ than an uninterrupted run. :class:`ResumableDataLoader` fixes that:
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import os
@@ -225,7 +226,7 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-class BatchStream(torch.utils.data.IterableDataset):
+class BatchStream(torch.utils.data.IterableDataset, abc.ABC):
     """Endless stream of collated micro-batches whose content is a pure function of the batch index.
 
     Subclasses implement :meth:`batch`: micro-batch ``m`` of ``rank`` out of ``world``. Iteration starts at
@@ -240,9 +241,9 @@ class BatchStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.skip_batches = int(skip_batches)
 
+    @abc.abstractmethod
     def batch(self, m: int, rank: int = 0, world: int = 1) -> Any:
         """Collated micro-batch ``m`` of ``rank``."""
-        raise NotImplementedError
 
     def __iter__(self) -> Iterator[Any]:
         rank, world = rank_world()

@@ -14,6 +14,7 @@ numpy / scikit-learn only (no torch). Predictions have the floating dtype of ``X
 
 from __future__ import annotations
 
+import abc
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
@@ -72,7 +73,7 @@ def _check_known(xy_known: Any, X_known: Any, min_cells: int, who: str) -> tuple
     return xy, X
 
 
-class SpatialBaseline:
+class SpatialBaseline(abc.ABC):
     """Common plumbing: input checks, fitted state and the output dtype."""
 
     name = "base"
@@ -128,11 +129,13 @@ class SpatialBaseline:
             return np.zeros((0, self._n_genes), dtype=self._dtype)
         return self._predict(q).astype(self._dtype, copy=False)
 
-    def _fit(self, xy: np.ndarray, X: np.ndarray) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _fit(self, xy: np.ndarray, X: np.ndarray) -> None:
+        """Fit on validated known cells (float64)."""
 
-    def _predict(self, q: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _predict(self, q: np.ndarray) -> np.ndarray:
+        """Predict at validated query positions."""
 
 
 class MeanBaseline(SpatialBaseline):
