@@ -30,7 +30,7 @@ def datasets_export(
     name: Annotated[str, typer.Argument(help="Dataset name, e.g. pbmc68k")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad")],
 ) -> None:
-    """Write a bundled dataset to an .h5ad file (raw counts in layers['counts'] and X)."""
+    """Write a bundled AnnData dataset to an .h5ad file (`msfm datasets list` says what each one holds)."""
     import msfm.datasets as ds
     from msfm.engine.io import write_h5ad_atomic
     from msfm.errors import MsfmInputError
