@@ -9,9 +9,7 @@ Families are imported lazily so that ``import msfm`` stays fast and side-effect 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from msfm._lazy import lazy_exports
 from msfm._version import CHECKPOINT_SCHEMA_VERSION, __version__
 
 _LAZY = {
@@ -29,11 +27,4 @@ _LAZY = {
 
 __all__ = ["CHECKPOINT_SCHEMA_VERSION", "__version__", *sorted(_LAZY)]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        globals()[name] = module
-        return module
-    msg = f"module 'msfm' has no attribute {name!r}"
-    raise AttributeError(msg)
+__getattr__, __dir__ = lazy_exports("msfm", _LAZY, globals(), whole_modules=True)

@@ -148,3 +148,23 @@ def test_write_safetensors_atomic_handles_aliases_and_views(tmp_path: Path) -> N
         write_safetensors_atomic({"a": base}, tmp_path / "n.safetensors", metadata={"k": 1})  # type: ignore[dict-item]
     with pytest.raises(MsfmInputError, match=r"expected a torch\.Tensor"):
         write_safetensors_atomic({"a": [1, 2]}, tmp_path / "n.safetensors")  # type: ignore[dict-item]
+
+
+def test_read_config_file_formats_and_errors(tmp_path) -> None:
+    from msfm.engine.io import read_config_file
+    from msfm.errors import MsfmInputError
+
+    (tmp_path / "a.yaml").write_text("lr: 0.1\nsteps: 3\n")
+    (tmp_path / "a.json").write_text('{"lr": 0.1}')
+    (tmp_path / "empty.yml").write_text("")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "bad.json").write_text("{not json")
+    assert read_config_file(tmp_path / "a.yaml") == {"lr": 0.1, "steps": 3}
+    assert read_config_file(tmp_path / "a.json") == {"lr": 0.1}
+    assert read_config_file(tmp_path / "empty.yml") == {}
+    with pytest.raises(MsfmInputError, match="mapping of XConfig fields"):
+        read_config_file(tmp_path / "list.yaml", what="XConfig")
+    with pytest.raises(MsfmInputError, match="Cannot parse"):
+        read_config_file(tmp_path / "bad.json")
+    with pytest.raises(MsfmInputError, match="does not exist"):
+        read_config_file(tmp_path / "missing.yaml")

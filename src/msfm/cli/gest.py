@@ -6,7 +6,6 @@ Thin over :mod:`msfm.models.gest`: AnnData (``.h5ad``, other formats :func:`msfm
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -256,25 +255,9 @@ def read_xy_table(path: Path, option: str) -> Any:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    import yaml
+    from msfm.engine.io import read_config_file
 
-    if not path.is_file():
-        msg = f"Config file {path} does not exist."
-        raise MsfmInputError(msg)
-    text = path.read_text()
-    try:
-        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as err:
-        msg = f"Cannot parse the config file {path}: {err}"
-        raise MsfmInputError(msg) from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        msg = (
-            f"Config file {path} must hold a mapping of GestTrainConfig fields; got a {type(data).__name__}."
-        )
-        raise MsfmInputError(msg)
-    return data
+    return read_config_file(path, what="GestTrainConfig")
 
 
 def _parse_devices(value: str | None) -> Any:

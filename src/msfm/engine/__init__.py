@@ -6,8 +6,7 @@ checkpoint helpers do not import Lightning.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from msfm._lazy import lazy_exports
 
 _LAZY = {
     # objective contract (torch only)
@@ -49,15 +48,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    msg = f"module 'msfm.engine' has no attribute {name!r}"
-    raise AttributeError(msg)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("msfm.engine", _LAZY, globals())

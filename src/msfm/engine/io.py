@@ -347,3 +347,36 @@ def check_output_free(path: PathLike, *, overwrite: bool) -> Path:
         msg = f"Output {p} already exists. Pass --overwrite (overwrite=True) or choose another path."
         raise MsfmInputError(msg)
     return p
+
+
+def read_config_file(path: PathLike, *, what: str = "settings") -> dict[str, Any]:
+    """The mapping in a YAML (``.yaml``/``.yml``) or JSON settings file, not yet validated.
+
+    Args:
+        path: the file.
+        what: what the fields configure, for the error message (e.g. ``"GestTrainConfig"``).
+
+    Returns:
+        The mapping (empty for an empty file).
+
+    Raises:
+        MsfmInputError: If the file is missing, unparsable or not a mapping.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        msg = f"Config file {p} does not exist."
+        raise MsfmInputError(msg)
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text) if p.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        msg = f"Cannot parse the config file {p}: {err}"
+        raise MsfmInputError(msg) from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        msg = f"Config file {p} must hold a mapping of {what} fields; got a {type(data).__name__}."
+        raise MsfmInputError(msg)
+    return data

@@ -17,8 +17,7 @@ Public API::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from msfm._lazy import lazy_exports
 
 _API = {
     "Roam": "msfm.models.roam.model",
@@ -52,15 +51,4 @@ _API = {
 
 __all__ = sorted(_API)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _API:
-        value = getattr(importlib.import_module(_API[name]), name)
-        globals()[name] = value
-        return value
-    msg = f"module 'msfm.models.roam' has no attribute {name!r}"
-    raise AttributeError(msg)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("msfm.models.roam", _API, globals())

@@ -53,6 +53,7 @@ from lightning.pytorch.callbacks import Callback
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from msfm.engine.io import atomic_write_json, atomic_write_text
+from msfm.engine.io import read_config_file as _read_config_file
 from msfm.engine.objective import LossOutput
 from msfm.errors import MsfmInputError
 from msfm.models.roam.predict import (
@@ -245,24 +246,7 @@ def read_config_file(path: PathLike) -> dict[str, Any]:
     Raises:
         MsfmInputError: If the file is missing, unparsable or not a mapping.
     """
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        msg = f"Config file {p} does not exist."
-        raise MsfmInputError(msg)
-    text = p.read_text()
-    try:
-        data = yaml.safe_load(text) if p.suffix.lower() in (".yaml", ".yml") else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as err:
-        msg = f"Cannot parse the config file {p}: {err}"
-        raise MsfmInputError(msg) from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        msg = f"Config file {p} must hold a mapping of RoamTrainConfig fields; got a {type(data).__name__}."
-        raise MsfmInputError(msg)
-    return data
+    return _read_config_file(path, what="RoamTrainConfig")
 
 
 # ---------------------------------------------------------------------------------------------------------------

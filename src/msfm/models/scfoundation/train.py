@@ -7,7 +7,6 @@ kill, and an msfm checkpoint directory exported to ``RUN_DIR/model`` at every sa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -16,13 +15,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
 from anndata import AnnData
 from pydantic import BaseModel, ConfigDict, Field
 
 from msfm.data import GenePanel
 from msfm.data.stream import PanelRowStream
 from msfm.engine.checkpoint import load_checkpoint, save_checkpoint
+from msfm.engine.io import read_config_file
 from msfm.engine.module import MsfmLightningModule, OptimConfig
 from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit
 from msfm.errors import MsfmInputError
@@ -93,16 +92,7 @@ class PretrainRunConfig(BaseModel):
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> PretrainRunConfig:
         """Read a YAML or JSON file with these fields (nested sections as mappings)."""
-        path = Path(path)
-        if not path.exists():
-            msg = f"Config file {path} does not exist."
-            raise MsfmInputError(msg)
-        data = (
-            yaml.safe_load(path.read_text())
-            if path.suffix in (".yaml", ".yml")
-            else json.loads(path.read_text())
-        )
-        return cls.model_validate(data or {})
+        return cls.model_validate(read_config_file(path, what="PretrainRunConfig"))
 
     def with_overrides(self, flat: dict[str, Any], *, progress_bar: bool | None = None) -> PretrainRunConfig:
         """Apply flat CLI-style overrides (``max_steps``, ``lr``, ``devices`` ...) to the right section."""

@@ -16,8 +16,7 @@ Public API (AnnData in, AnnData out)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from msfm._lazy import lazy_exports
 
 _API = {
     "ScMulan": "msfm.models.scmulan.model",
@@ -43,11 +42,4 @@ _API = {
 
 __all__ = sorted(_API)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _API:
-        value = getattr(importlib.import_module(_API[name]), name)
-        globals()[name] = value
-        return value
-    msg = f"module 'msfm.models.scmulan' has no attribute {name!r}"
-    raise AttributeError(msg)
+__getattr__, __dir__ = lazy_exports("msfm.models.scmulan", _API, globals())

@@ -20,7 +20,6 @@ examples an uninterrupted run would have seen.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -33,11 +32,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-import yaml
 from anndata import AnnData
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from msfm.data import CellSource, GeneMapping, GenePanel, harmonize_genes
+from msfm.engine.io import read_config_file
 from msfm.engine.module import MsfmLightningModule, OptimConfig
 from msfm.engine.sampler import BatchStream
 from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit, last_checkpoint
@@ -204,13 +203,7 @@ class ScMulanTrainConfig(BaseModel):
     @classmethod
     def from_file(cls, path: PathLike) -> ScMulanTrainConfig:
         """Read a YAML or JSON file with these fields (nested sections as mappings)."""
-        path = Path(path)
-        if not path.exists():
-            msg = f"Config file {path} does not exist."
-            raise MsfmInputError(msg)
-        text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        return cls.model_validate(data or {})
+        return cls.model_validate(read_config_file(path, what="ScMulanTrainConfig"))
 
     def with_overrides(self, flat: dict[str, Any], *, progress_bar: bool | None = None) -> ScMulanTrainConfig:
         """Apply flat CLI-style overrides (``max_steps``, ``lr``, ``devices``, ``tasks`` ...) to the right section.
