@@ -66,6 +66,7 @@ __all__ = [
     "build_trainer",
     "fit",
     "last_checkpoint",
+    "resume_step",
 ]
 
 
@@ -639,6 +640,19 @@ def last_checkpoint(run_dir: PathLike) -> Path | None:
     return path if path.is_file() else None
 
 
+def resume_step(run_dir: PathLike) -> int:
+    """Optimiser step stored in ``run_dir/checkpoints/last.ckpt`` (0 for a new run).
+
+    Streams that are a pure function of the batch index skip ``resume_step * accumulate`` micro-batches so a resumed
+    run sees what an uninterrupted run would have seen.
+    """
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is None:
+        return 0
+    # mmap: reads the pickle header, not the tensors, so peeking at the step is cheap for large models.
+    return int(_safe_torch_load(ckpt, mmap=True).get("global_step", 0))
+
+
 def _to_json(value: Any) -> Any:
     if value is None:
         return None
@@ -682,8 +696,7 @@ def fit(
     ckpt = last_checkpoint(run) if resume else None
     step = 0
     if ckpt is not None:
-        # mmap: reads the pickle header, not the tensors, so peeking at the step is cheap for large models.
-        step = int(_safe_torch_load(ckpt, mmap=True).get("global_step", 0))
+        step = resume_step(run)
         logger.info("resuming from step %d (%s)", step, ckpt)
         # The sanity check already ran when the run started; repeating it would also shift the random stream
         # (validation iterators draw seeds) relative to an uninterrupted run.

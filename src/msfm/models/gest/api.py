@@ -39,6 +39,7 @@ __all__ = [
     "embed",
     "generate",
     "generate_arrays",
+    "niche_tensors",
     "niche_sequences",
 ]
 
@@ -514,6 +515,34 @@ def niche_sequences(
     return [out[where[int(c)]] for c in centers]
 
 
+def niche_tensors(
+    xy: np.ndarray, tokens: np.ndarray, seqs: list[np.ndarray], side_um: float
+) -> dict[str, torch.Tensor]:
+    """Left-padded niche sequences for :class:`~msfm.models.gest.model.Gest`.
+
+    Content rows are ``[centre, n1..n_{N-1}]`` and queries ``[n1..n_{N-1}, centre]``: the last row predicts the centre
+    from every cell of the niche, and its hidden state is the niche embedding (paper §4.4). Positions are
+    normalised to the window of side ``side_um`` centred on the cell.
+
+    Returns:
+        ``query_pos``, ``content_pos`` ``[b, N, 2]``, ``tokens`` ``[b, N]`` and ``mask`` ``[b, N]`` (True = real).
+    """
+    n_max = max(len(s) for s in seqs)
+    b = len(seqs)
+    qpos = torch.zeros(b, n_max, 2)
+    cpos = torch.zeros(b, n_max, 2)
+    tok = torch.zeros(b, n_max, dtype=torch.long)
+    mask = torch.zeros(b, n_max, dtype=torch.bool)
+    for i, seq in enumerate(seqs):
+        n = len(seq)
+        p = torch.from_numpy(normalize_positions(xy[seq], square_bounds(xy[seq[0]], side_um)))
+        cpos[i, n_max - n :] = p
+        qpos[i, n_max - n :] = torch.cat([p[1:], p[:1]])
+        tok[i, n_max - n :] = torch.from_numpy(tokens[seq])
+        mask[i, n_max - n :] = True
+    return {"query_pos": qpos, "content_pos": cpos, "tokens": tok, "mask": mask}
+
+
 @torch.no_grad()
 def _niche_hidden(
     loaded: LoadedGest,
@@ -529,23 +558,15 @@ def _niche_hidden(
     out = np.zeros((len(seqs), model.config.dim), dtype=np.float32)
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
-        n_max = max(len(s) for s in chunk)
         b = len(chunk)
-        qpos = torch.zeros(b, n_max, 2)
-        cpos = torch.zeros(b, n_max, 2)
-        tok = torch.zeros(b, n_max, dtype=torch.long)
-        mask = torch.zeros(b, n_max, dtype=torch.bool)
-        for i, seq in enumerate(chunk):
-            n = len(seq)
-            bounds = square_bounds(xy[seq[0]], side_um)
-            p = torch.from_numpy(normalize_positions(xy[seq], bounds))
-            # Content [centre, n1..n_{N-1}]; queries [n1..n_{N-1}, centre]: the last row predicts the centre from
-            # every cell of the niche, and its hidden state is the niche embedding (paper §4.4).
-            cpos[i, n_max - n :] = p
-            qpos[i, n_max - n :] = torch.cat([p[1:], p[:1]])
-            tok[i, n_max - n :] = torch.from_numpy(tokens[seq])
-            mask[i, n_max - n :] = True
-        res = model(qpos.to(device), cpos.to(device), tok.to(device), mask=mask.to(device), heads=False)
+        batch = niche_tensors(xy, tokens, chunk, side_um)
+        res = model(
+            batch["query_pos"].to(device),
+            batch["content_pos"].to(device),
+            batch["tokens"].to(device),
+            mask=batch["mask"].to(device),
+            heads=False,
+        )
         out[start : start + b] = res.hidden[:, -1].float().cpu().numpy()
     return out
 

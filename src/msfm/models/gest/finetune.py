@@ -30,14 +30,14 @@ from msfm.models.gest.api import (
     Checkpoint,
     cell_selection,
     niche_sequences,
+    niche_tensors,
     prepare_cells,
     read_options,
-    square_bounds,
 )
 from msfm.models.gest.checkpoint import VOCAB_PREFIX, LoadedGest, load_model
 from msfm.models.gest.config import GestConfig
 from msfm.models.gest.model import Gest, GestBlock, GestNicheClassifier
-from msfm.tokenizers.spatial import MetaCellVocab, normalize_positions
+from msfm.tokenizers.spatial import MetaCellVocab
 
 logger = logging.getLogger(__name__)
 
@@ -89,26 +89,6 @@ class NicheClassifierConfig(BaseModel):
     section_key: str | None = None
 
 
-def _niche_tensors(
-    xy: np.ndarray, tokens: np.ndarray, seqs: list[np.ndarray], side_um: float
-) -> dict[str, torch.Tensor]:
-    """Left-padded niche sequences: content ``[centre, neighbours]``, queries ``[neighbours, centre]``."""
-    n_max = max(len(s) for s in seqs)
-    b = len(seqs)
-    qpos = torch.zeros(b, n_max, 2)
-    cpos = torch.zeros(b, n_max, 2)
-    tok = torch.zeros(b, n_max, dtype=torch.long)
-    mask = torch.zeros(b, n_max, dtype=torch.bool)
-    for i, seq in enumerate(seqs):
-        n = len(seq)
-        p = torch.from_numpy(normalize_positions(xy[seq], square_bounds(xy[seq[0]], side_um)))
-        cpos[i, n_max - n :] = p
-        qpos[i, n_max - n :] = torch.cat([p[1:], p[:1]])
-        tok[i, n_max - n :] = torch.from_numpy(tokens[seq])
-        mask[i, n_max - n :] = True
-    return {"query_pos": qpos, "content_pos": cpos, "tokens": tok, "mask": mask}
-
-
 class _NicheData(torch.utils.data.Dataset):
     def __init__(
         self, xy: np.ndarray, tokens: np.ndarray, seqs: list[np.ndarray], labels: np.ndarray, side_um: float
@@ -122,7 +102,7 @@ class _NicheData(torch.utils.data.Dataset):
         return int(i)
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        batch = _niche_tensors(self.xy, self.tokens, [self.seqs[i] for i in idx], self.side)
+        batch = niche_tensors(self.xy, self.tokens, [self.seqs[i] for i in idx], self.side)
         batch["labels"] = torch.as_tensor(self.labels[idx], dtype=torch.long)
         return batch
 
@@ -322,7 +302,7 @@ def annotate_niches(
     dev = next(clf.parameters()).device
     probs = np.zeros((adata.n_obs, len(extra["classes"])), dtype=np.float32)
     for start in range(0, len(seqs), batch_size):
-        batch = _niche_tensors(prep.xy, tokens, seqs[start : start + batch_size], side)
+        batch = niche_tensors(prep.xy, tokens, seqs[start : start + batch_size], side)
         logits = clf(
             *(batch[k].to(dev) for k in ("query_pos", "content_pos", "tokens")), mask=batch["mask"].to(dev)
         )

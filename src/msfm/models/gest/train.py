@@ -35,7 +35,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from msfm.engine.module import MsfmLightningModule, OptimConfig
 from msfm.engine.sampler import BatchStream
-from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit, last_checkpoint
+from msfm.engine.trainer import (
+    ExportCallback,
+    TrainerOptions,
+    build_trainer,
+    fit,
+    resume_step,
+)
 from msfm.errors import MsfmInputError
 from msfm.models.gest.checkpoint import FAMILY, VOCAB_PREFIX, load_model
 from msfm.models.gest.config import GestConfig
@@ -167,14 +173,6 @@ class WindowStream(BatchStream):
         return collate_windows(seqs)
 
 
-def _resume_step(run: Path) -> int:
-    ckpt = last_checkpoint(run)
-    if ckpt is None:
-        return 0
-    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    return int(state.get("global_step", 0))
-
-
 def _train_mask(adata: AnnData, train_mask: Any) -> np.ndarray:
     if train_mask is None:
         return np.ones(adata.n_obs, dtype=bool)
@@ -302,7 +300,7 @@ def train(
         model.set_vocabulary(torch.from_numpy(vocab.centroids_expr), torch.from_numpy(vocab.hierarchy))
 
     opts = config.trainer
-    skip = _resume_step(run) * opts.accumulate
+    skip = resume_step(run) * opts.accumulate
     stream = WindowStream(
         cells.xy[train_idx], tokens[train_idx], sampler, batch_size=config.batch_size, skip_batches=skip
     )

@@ -23,7 +23,7 @@ from msfm.data.stream import PanelRowStream
 from msfm.engine.checkpoint import load_checkpoint, save_checkpoint
 from msfm.engine.io import read_config_file
 from msfm.engine.module import MsfmLightningModule, OptimConfig
-from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit
+from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit, resume_step
 from msfm.errors import MsfmInputError
 from msfm.models.scfoundation.api import prepare, preprocessing_record
 from msfm.models.scfoundation.config import ScFoundationConfig
@@ -167,7 +167,7 @@ def pretrain(
         **gene_kwargs,
     )
     collate = PretrainCollator(config.objective, num_genes=model_cfg.num_genes, seed=config.trainer.seed)
-    skip = _resume_step(out) * config.trainer.accumulate
+    skip = resume_step(out) * config.trainer.accumulate
     if skip:
         logger.info("resuming: skipping the %d micro-batches per rank already trained on", skip)
     batches = PretrainBatchStream(
@@ -233,17 +233,6 @@ def resolve_panel(
         used[mapping.input_to_panel[mapping.input_to_panel >= 0]] = True
     symbols = [full.symbols[i] for i in np.flatnonzero(used)]
     return GenePanel.from_symbols(symbols, name=f"scfoundation-subset-{len(symbols)}")
-
-
-def _resume_step(run_dir: Path) -> int:
-    """Optimiser step stored in ``run_dir``'s ``last.ckpt`` (0 for a new run)."""
-    from msfm.engine.trainer import last_checkpoint
-
-    ckpt = last_checkpoint(run_dir)
-    if ckpt is None:
-        return 0
-    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    return int(state.get("global_step", 0))
 
 
 class PretrainBatchStream(torch.utils.data.IterableDataset):

@@ -39,7 +39,14 @@ from msfm.data import CellSource, GeneMapping, GenePanel, harmonize_genes
 from msfm.engine.io import read_config_file
 from msfm.engine.module import MsfmLightningModule, OptimConfig
 from msfm.engine.sampler import BatchStream
-from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit, last_checkpoint
+from msfm.engine.trainer import (
+    ExportCallback,
+    TrainerOptions,
+    build_trainer,
+    fit,
+    last_checkpoint,
+    resume_step,
+)
 from msfm.errors import MsfmInputError
 from msfm.models.scmulan.config import ScMulanConfig
 from msfm.models.scmulan.inference import load_model, model_space, preprocessing_record
@@ -897,14 +904,6 @@ def _meta_ids(raw_meta: dict[str, np.ndarray], vocab: CellSentenceVocab) -> dict
     return out
 
 
-def _resume_step(run: Path) -> int:
-    ckpt = last_checkpoint(run)
-    if ckpt is None:
-        return 0
-    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    return int(state.get("global_step", 0))
-
-
 def _build_model(
     config: ScMulanTrainConfig, vocab: CellSentenceVocab, init: Any
 ) -> tuple[ScMulan, ScMulanConfig]:
@@ -1033,7 +1032,7 @@ def _train(datasets: list[_Dataset], out: Path, config: ScMulanTrainConfig, call
 
     opts = config.trainer
     accumulate = opts.accumulate
-    skip = _resume_step(out) * accumulate
+    skip = resume_step(out) * accumulate
     if skip:
         logger.info("resuming: skipping the %d micro-batches per rank already trained on", skip)
     stream = ScMulanExampleStream(
