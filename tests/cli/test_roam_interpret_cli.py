@@ -203,3 +203,23 @@ def test_heatmap_is_registered_in_msfm_roam() -> None:
         "--roi-maps",
         "--method",
     } <= options
+
+
+@pytest.mark.parametrize("bad", ["../victim", "../../../victim", "..", ".hidden", "a/b", "a\\b"])
+def test_heatmap_refuses_slide_ids_that_leave_out(workspace, tmp_path: Path, bad: str) -> None:
+    # Regression: `--slides ../../../victim --overwrite` used to write outside --out and delete the folder.
+    out = tmp_path / "deep" / "er" / "out"
+    out.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("user data")
+    # A feature file the traversal would find, so only the id check stands between the user and the damage.
+    write_slide_features(
+        workspace["features"].parent / "victim.h5",
+        SlideFeatures(slide_id="victim", features=np.zeros((1, 84, D), np.float32), coords=np.zeros((1, 2))),
+    )
+    with pytest.raises(MsfmInputError, match="Invalid slide id"):
+        run("heatmap", "-c", workspace["run"], "-f", workspace["features"], "-o", out, "--slides", bad,
+            "--overwrite", "--roi-maps", "0")  # fmt: skip
+    assert (victim / "keep.txt").read_text() == "user data"
+    assert list(out.iterdir()) == []

@@ -152,3 +152,30 @@ def test_cli_errors(run, cohort, tmp_path):
     res = invoke("train", "--slides", table, "--features", fd, "--out", tmp_path / "r2")
     assert isinstance(res.exception, MsfmInputError)
     assert "--task" in str(res.exception)
+
+
+def test_slide_ids_that_leave_folders_are_refused(run, cohort, tmp_path):
+    # Regression: ids name files under --features and --out; every verb refuses ids that leave them.
+    table, fd, _ = cohort
+    bad = tmp_path / "bad_ids.csv"
+    pd.DataFrame({"slide_id": ["astro0", "../../astro1"], "subtype": ["astro", "oligo"]}).to_csv(
+        bad, index=False
+    )
+    preds = tmp_path / "p.csv"
+    pd.DataFrame({"slide_id": ["../astro0"], "prob_astro": [0.9], "prob_oligo": [0.1]}).to_csv(
+        preds, index=False
+    )
+    verbs = {
+        "train": ["train", "--slides", bad, "--features", fd, "--task", "subtype", "--out", tmp_path / "r"],
+        "predict": ["predict", "--run", run, "--features", fd, "--slides", bad, "--out", tmp_path / "o.csv"],
+        "cascade": ["cascade", "--features", fd, "--slides", bad, "--out", tmp_path / "c.csv",
+                    "--stage", f"subtype={run}"],
+        "evaluate labels": ["evaluate", "--predictions", preds, "--slides", bad, "--task", "subtype"],
+        "evaluate predictions": ["evaluate", "--predictions", preds, "--slides", table, "--task", "subtype"],
+    }  # fmt: skip
+    for name, args in verbs.items():
+        res = invoke(*args)
+        assert isinstance(res.exception, MsfmInputError), name
+        assert "Invalid slide id" in str(res.exception), name
+    assert not (tmp_path / "r").exists()
+    assert not (tmp_path / "o.csv").exists()

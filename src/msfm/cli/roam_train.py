@@ -228,6 +228,10 @@ def evaluate(
         if missing:
             msg = f"{what} has no column(s) {missing}; its columns are {list(df.columns)[:30]}."
             raise MsfmInputError(msg)
+    from msfm.data.slide_ids import check_slide_ids
+
+    preds["slide_id"] = check_slide_ids(preds["slide_id"].tolist(), str(predictions))
+    labels["slide_id"] = check_slide_ids(labels["slide_id"].tolist(), str(slides))
     prefix = f"{stage}_prob_" if stage else "prob_"
     pcols = [c for c in preds.columns if c.startswith(prefix)]
     if stage is None:

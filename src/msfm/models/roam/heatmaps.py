@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from msfm.data.slide_ids import check_slide_ids
 from msfm.data.slides import SLIDE_EXTENSIONS
 from msfm.errors import MsfmInputError
 
@@ -203,6 +204,8 @@ def write_heatmaps(
             ids.append(e)
     if not ids:
         ids = list_feature_slides(features)
+    # Each id names a folder under --out that may be replaced: refuse ids that leave it.
+    ids = check_slide_ids(ids, "--slides")
     if len(set(ids)) != len(ids):
         msg = f"--slides lists a slide twice: {sorted({i for i in ids if ids.count(i) > 1})}."
         raise MsfmInputError(msg)

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from msfm.data.slide_ids import check_slide_ids
 from msfm.data.slides import SLIDE_EXTENSIONS
 from msfm.errors import MsfmInputError
 
@@ -124,7 +125,8 @@ def resolve_feature_files(
         raise MsfmInputError(msg)
     found: dict[str, Path] = {}
     missing: list[str] = []
-    for sid in slide_ids:
+    # Ids name files: one that leaves the folder (``../x``) is refused before any path is built from it.
+    for sid in check_slide_ids(slide_ids):
         candidates = [sid]
         suffix = Path(sid).suffix.lower()
         if suffix in _SLIDE_SUFFIXES:
@@ -478,9 +480,9 @@ def slide_ids_from(slides: Any, *, column: str = SLIDE_ID) -> list[str]:
         if column not in slides.columns:
             msg = f"The slide table has no {column!r} column; its columns are {list(slides.columns)[:20]}."
             raise MsfmInputError(msg)
-        ids = [str(s).strip() for s in slides[column].tolist()]
+        ids = check_slide_ids(slides[column].tolist(), f"column {column!r}")
     else:
-        ids = [str(s).strip() for s in slides]
+        ids = check_slide_ids(slides)
     dup = sorted(s for s, n in Counter(ids).items() if n > 1)
     if dup:
         msg = f"Slide ids repeat: {dup[:10]}. Each slide must appear once."

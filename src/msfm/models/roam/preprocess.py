@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from msfm.data.slide_ids import check_slide_id
 from msfm.data.slides import SLIDE_EXTENSIONS
 from msfm.errors import MsfmInputError
 from msfm.models.roam.encoders import PatchEncoder, build_encoder, encoder_signature, torch_threads_for
@@ -203,17 +204,6 @@ def run_signature(config: PreprocessConfig, encoder: PatchEncoder, normalizer: A
 # ----------------------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------------------
-def _check_slide_id(slide_id: Any, source: str) -> str:
-    sid = str(slide_id).strip()
-    if not sid or sid in (".", "..") or any(c in sid for c in "/\\") or sid.startswith("."):
-        msg = (
-            f"Invalid slide id {slide_id!r} ({source}): slide ids name the output files, so they must be non-empty, "
-            "must not start with '.' and must not contain '/' or '\\'. Fix the slide_id column."
-        )
-        raise MsfmInputError(msg)
-    return sid
-
-
 def _rows_from_table(df: pd.DataFrame, *, base: Path, source: str) -> list[tuple[str, Path]]:
     if "path" not in df.columns:
         msg = (
@@ -233,7 +223,7 @@ def _rows_from_table(df: pd.DataFrame, *, base: Path, source: str) -> list[tuple
         sid = rec.get("slide_id")
         if sid is None or (isinstance(sid, float) and np.isnan(sid)) or not str(sid).strip():
             sid = p.stem
-        rows.append((_check_slide_id(sid, f"{source}, row {i}"), p))
+        rows.append((check_slide_id(sid, f"{source}, row {i}"), p))
     return rows
 
 
@@ -290,7 +280,7 @@ def collect_slides(
                 if not found:
                     msg = f"Folder {p} holds no slides (searched recursively for {', '.join(SLIDE_EXTENSIONS)})."
                     raise MsfmInputError(msg)
-                rows += [(_check_slide_id(f.stem, str(f)), f) for f in found]
+                rows += [(check_slide_id(f.stem, str(f)), f) for f in found]
             elif p.is_file() and p.suffix.lower() == ".csv":
                 try:
                     table = pd.read_csv(p)
@@ -299,7 +289,7 @@ def collect_slides(
                     raise MsfmInputError(msg) from err
                 rows += _rows_from_table(table, base=p.parent, source=str(p))
             elif p.is_file():
-                rows.append((_check_slide_id(p.stem, str(p)), p))
+                rows.append((check_slide_id(p.stem, str(p)), p))
             else:
                 msg = f"Slide input {p} does not exist. Pass slide files, folders or a CSV with a 'path' column."
                 raise MsfmInputError(msg)

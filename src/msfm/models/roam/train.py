@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from msfm.data.slide_ids import check_slide_id
 from msfm.engine.io import atomic_write_json, atomic_write_text
 from msfm.engine.io import read_config_file as _read_config_file
 from msfm.engine.objective import LossOutput
@@ -379,6 +380,7 @@ def read_slide_table(
     if any(not s for s in ids):
         msg = f"{sum(not s for s in ids)} rows have an empty {slide_column!r}; every row needs a slide id."
         raise MsfmInputError(msg)
+    ids = [check_slide_id(s, f"slide table, row {i}") for i, s in enumerate(ids)]
     seen: set[str] = set()
     dup = sorted({s for s in ids if s in seen or seen.add(s)})
     if dup:
