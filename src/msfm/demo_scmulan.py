@@ -88,9 +88,11 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 def run_scmulan_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the scMulan part; returns its metrics (figures go to ``out/figures``)."""
     import msfm
+    from msfm.data import CellSource
+    from msfm.data.normalize import normalized_rows
     from msfm.eval.metrics import classification_scores
     from msfm.models.scmulan.api import annotate, generate, perturb
-    from msfm.models.scmulan.inference import load_model, model_space
+    from msfm.models.scmulan.inference import load_model
     from msfm.models.scmulan.train import ScMulanTrainConfig, train
     from msfm.pl import line_plot, metric_bars
 
@@ -189,11 +191,7 @@ def run_scmulan_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> 
     from msfm.data import GenePanel, harmonize_genes
 
     mapping = harmonize_genes(test_cells.var, GenePanel.from_symbols(loaded.vocab.genes, name="scmulan"))
-    real_binned = tok.binned_matrix(
-        model_space(
-            mapping.apply(sp.csr_matrix(test_cells.layers["counts"], dtype=np.float32)), kind="counts"
-        )
-    ).toarray()
+    real_binned = tok.binned_matrix(normalized_rows(CellSource(test_cells), None, mapping)).toarray()
     gen_x = sp.csr_matrix(gen.X).toarray()
     gen_type = gen.obs["cell_type"].astype(str).to_numpy()
     fidelity: dict[str, dict[str, float]] = {}
@@ -215,9 +213,7 @@ def run_scmulan_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> 
     # 4. perturbation ----------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     source, target, other = "CD19+ B", "CD14+ Monocyte", "CD8+ Cytotoxic T"
-    ref_binned = tok.binned_matrix(
-        model_space(mapping.apply(sp.csr_matrix(adata.layers["counts"], dtype=np.float32)), kind="counts")
-    ).toarray()
+    ref_binned = tok.binned_matrix(normalized_rows(CellSource(adata), None, mapping)).toarray()
     all_labels = labels
     diff = ref_binned[all_labels == target].mean(0) - ref_binned[all_labels == source].mean(0)
     gene = loaded.vocab.genes[int(np.argmax(diff))]

@@ -124,6 +124,39 @@ def test_annotate_release_mode_with_kv_repeat_mask(cells, loaded, io, vocab):
     assert list(out.obs["scmulan_cell_type_fine"]) == _tokens(vocab, labels[:, 1])
 
 
+def test_raw_counts_follow_the_release_normalisation(pbmc, loaded, vocab):
+    """Raw counts give what the release gives on its tutorial's input: log1p CP10k over ALL genes, then subset.
+
+    The release normalises the whole matrix with scanpy before keeping its 2,000 genes; msfm must divide by the
+    cell's full total, not by the total over the vocabulary genes (about half of the counts here).
+    """
+    import scanpy as sc
+
+    from msfm.data import GenePanel, harmonize_genes
+    from msfm.data.normalize import log1p_cp10k
+
+    cells = pbmc[:60].copy()
+    release = ad.AnnData(X=sp.csr_matrix(cells.layers["counts"], dtype=np.float32), var=cells.var.copy())
+    release.obs_names = cells.obs_names
+    sc.pp.normalize_total(release, target_sum=1e4)
+    sc.pp.log1p(release)
+    kwargs = {"min_confidence": 0.0, "constrained": False, "progress": False, "copy": True}
+    from_counts = api.annotate(cells, loaded, **kwargs)
+    from_release_input = api.annotate(release, loaded, pre_normalized=True, **kwargs)
+    assert from_counts.uns["scmulan"]["annotate"]["input"]["kind"] == "counts"
+    assert list(from_counts.obs["scmulan_generated"]) == list(from_release_input.obs["scmulan_generated"])
+    np.testing.assert_allclose(
+        from_counts.obsm["X_scmulan"], from_release_input.obsm["X_scmulan"], atol=1e-5, rtol=1e-5
+    )
+    # The test can fail: the total over the vocabulary genes alone gives other levels for most cells.
+    tok = loaded.tokenizer()
+    mapping = harmonize_genes(cells.var, GenePanel.from_symbols(vocab.genes), min_panel_fraction=0.0)
+    vocab_counts = mapping.apply(sp.csr_matrix(cells.layers["counts"], dtype=np.float32))
+    wrong = tok.binned_matrix(log1p_cp10k(vocab_counts)).toarray()
+    right = tok.binned_matrix(mapping.apply(sp.csr_matrix(release.X))).toarray()
+    assert (wrong != right).any(axis=1).mean() > 0.5
+
+
 @pytest.mark.parametrize(("repeat_mask", "variant"), [("official", "nonkv"), ("all", "kv")])
 def test_predict_organ_release_mode_reproduces_official(cells, loaded, io, vocab, repeat_mask, variant):
     results = []
@@ -482,7 +515,7 @@ def test_perturb_with_reference_scores(loaded, pbmc, tmp_path):
 def test_reference_pca_matches_a_dense_pca(loaded, pbmc):
     from sklearn.decomposition import PCA
 
-    from msfm.models.scmulan.inference import model_space
+    from msfm.data.normalize import normalized_rows
 
     ref = api._reference_pca(
         pbmc,
@@ -500,9 +533,7 @@ def test_reference_pca_matches_a_dense_pca(loaded, pbmc):
         chunk_size=128,  # several chunks: the streamed sums must add up
     )
     source = CellSource(pbmc)
-    binned = loaded.tokenizer().binned_matrix(
-        model_space(ref.mapping.apply(source.rows(np.arange(pbmc.n_obs))), kind="counts")
-    )
+    binned = loaded.tokenizer().binned_matrix(normalized_rows(source, None, ref.mapping))
     dense = binned.toarray().astype(np.float64)
     np.testing.assert_allclose(ref.mean, dense.mean(0), atol=1e-9)
     # Genes no reference cell expresses carry no variance: zero loadings; the rest is an ordinary PCA.

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import msfm
-from msfm.data import GenePanel, harmonize_genes
+from msfm.data import CellSource, GenePanel, harmonize_genes
+from msfm.data.normalize import normalized_rows
 from msfm.errors import MsfmInputError
 from msfm.models.scmulan.decoding import DecodeOptions, generate_tokens, id_mask
-from msfm.models.scmulan.inference import model_space
 from msfm.models.scmulan.model import ScMulan
 from msfm.models.scmulan.objective import (
     ScMulanLossConfig,
@@ -189,7 +189,7 @@ def pbmc_setup():
         genes, {"cell_type": labels, "coarse_cell_type": ["Leukocyte"], "organ": ["Blood"]}
     )
     mapping = harmonize_genes(adata.var, GenePanel.from_symbols(vocab.genes), min_panel_fraction=0.0)
-    X = model_space(mapping.apply(adata.layers["counts"]), kind="counts")
+    X = normalized_rows(CellSource(adata), None, mapping)
     return adata, vocab, X
 
 

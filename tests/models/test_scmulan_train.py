@@ -82,13 +82,13 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def _annotate(loaded, adata: ad.AnnData, rows: np.ndarray) -> list[str]:
     """Greedy, constrained annotation decoding of some cells with the loaded model."""
-    from msfm.data import GenePanel, harmonize_genes
-    from msfm.models.scmulan.inference import model_space
+    from msfm.data import CellSource, GenePanel, harmonize_genes
+    from msfm.data.normalize import normalized_rows
 
     v = loaded.vocab
     tok = loaded.tokenizer()
     mapping = harmonize_genes(adata.var, GenePanel.from_symbols(v.genes), min_panel_fraction=0.0)
-    x = model_space(mapping.apply(adata.layers["counts"][rows]), kind="counts")
+    x = normalized_rows(CellSource(adata), rows, mapping)
     prompts = tok.prompts(tok.gene_sentences(x), task="<PCT>")
     ids, levels, mask = tok.left_pad(prompts)
     types = id_mask(v.category_ids("cell_type"), len(v))

@@ -398,7 +398,7 @@ def _worker_annotation(job: dict[str, Any]) -> dict[str, Any]:
     import anndata as ad
 
     from msfm.data import CellSource, GenePanel, harmonize_genes
-    from msfm.models.scmulan.inference import model_space
+    from msfm.data.normalize import normalized_rows
 
     device = torch.device(job["device"])
     mode, precision = job["mode"], job["precision"]
@@ -421,7 +421,7 @@ def _worker_annotation(job: dict[str, Any]) -> dict[str, Any]:
         cpu_before = cpu_snapshot()
         if mode == "loop":
             # The release is handed an AnnData already normalised and reduced to its 2,000 genes: not timed.
-            x_norm = model_space(mapping.apply(source.rows(np.arange(source.n_obs))), kind=source.kind)
+            x_norm = normalized_rows(source, None, mapping)
             _sync(device)
             t0 = time.perf_counter()
             res = official_style_loop(loaded.model, loaded.vocab, x_norm, device=device)

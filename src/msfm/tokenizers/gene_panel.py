@@ -24,6 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from msfm.data.normalize import TARGET_SUM, canonical_csr, log1p_cp10k, row_totals
 from msfm.errors import MsfmInputError
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
 
 #: Genes in the scFoundation panel; T, S and padding ids follow.
 SCFOUNDATION_NUM_GENES = 19264
-TARGET_SUM = 1e4
 
 _SPEC_RE = re.compile(r"^\s*([taf])\s*(\d+(?:\.\d*)?|\.\d+)\s*$", re.IGNORECASE)
 
@@ -82,42 +82,11 @@ class TargetDepth:
 
 
 def normalize_rows(counts: sp.spmatrix | sp.sparray, *, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
-    """``log1p(c / sum(c) * target_sum)`` per row, computed in float64 and cast to float32.
+    """``log1p(c / sum(c) * target_sum)`` over the given genes: :func:`msfm.data.normalize.log1p_cp10k`.
 
-    The operation order (divide by the total, then multiply) matches the official code bit for bit after the cast.
-    Rows that sum to zero stay zero. The sparsity pattern is kept.
-
-    Args:
-        counts: ``[n, g]`` non-negative counts.
-        target_sum: library size after scaling (scFoundation: 1e4).
-
-    Returns:
-        ``[n, g]`` CSR float32.
+    Shape: ``[n, g]`` -> ``[n, g]`` CSR float32.
     """
-    csr = _canonical(sp.csr_matrix(counts))
-    data = csr.data.astype(np.float64)
-    row_len = np.diff(csr.indptr)
-    # Integer counts sum exactly in float64 whatever the order, so this matches the official np.sum per cell.
-    totals = np.bincount(np.repeat(np.arange(csr.shape[0]), row_len), weights=data, minlength=csr.shape[0])
-    per_entry = np.repeat(totals, row_len)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        values = np.log1p(data / per_entry * target_sum)
-    values[per_entry == 0] = 0.0
-    out = sp.csr_matrix((values.astype(np.float32), csr.indices.copy(), csr.indptr.copy()), shape=csr.shape)
-    return out
-
-
-def _canonical(csr: sp.csr_matrix) -> sp.csr_matrix:
-    """Sorted indices without duplicates; copies first so that the caller's matrix is never changed."""
-    if csr.has_canonical_format:
-        return csr
-    csr = csr.copy()
-    csr.sum_duplicates()
-    return csr
-
-
-def _row_totals(csr: sp.csr_matrix) -> np.ndarray:
-    return np.asarray(csr.astype(np.float64).sum(axis=1)).ravel()
+    return log1p_cp10k(counts, target_sum=target_sum)
 
 
 def depth_tokens(totals: np.ndarray, target: str | TargetDepth) -> tuple[np.ndarray, np.ndarray]:
@@ -240,8 +209,8 @@ class ScFoundationTokenizer:
         if csr.data.size and (not np.isfinite(csr.data).all() or csr.data.min() < 0):
             msg = "encode received negative or non-finite values; pass validated rows (msfm.data.CellSource)."
             raise MsfmInputError(msg)
-        csr = _canonical(csr)
-        totals = _row_totals(csr)
+        csr = canonical_csr(csr)
+        totals = row_totals(csr)
         if pre_normalized:
             warnings.warn(
                 "pre_normalized=True: values are used as given and S = log10(sum of the log-normalised values), as "

@@ -17,6 +17,7 @@ import torch
 from anndata import AnnData
 
 from msfm.data import CellSource, GenePanel, harmonize_genes
+from msfm.data.normalize import TARGET_SUM, normalized_rows
 from msfm.data.spatial import SpatialCoords, spatial_coords
 from msfm.errors import MsfmInputError
 from msfm.tokenizers.spatial import normalize_positions
@@ -32,29 +33,14 @@ __all__ = [
     "spatial_cells",
 ]
 
-#: Library size of the normalisation before log1p (CP10k).
-TARGET_SUM = 1e4
-
 
 def model_space(source: CellSource, rows: np.ndarray | None = None) -> sp.csr_matrix:
-    """Model-space expression of some cells over all genes of the data.
-
-    Args:
-        source: validated access to the counts (or log-normalised values).
-        rows: cell positions (None: all).
+    """Model-space expression of some cells over all genes of the data (:func:`msfm.data.normalize.normalized_rows`).
 
     Returns:
         CSR float32 ``[n, n_vars]``: ``log1p(x / total * 1e4)`` for counts, the values as they are otherwise.
     """
-    idx = np.arange(source.n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
-    x = source.rows(idx)
-    if source.kind != "counts":
-        return x
-    totals = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
-    scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
-    x = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ x, dtype=np.float32)
-    x.data = np.log1p(x.data)
-    return x
+    return normalized_rows(source, rows)
 
 
 def select_genes(x: sp.csr_matrix, genes: np.ndarray | list[str], n_top: int) -> list[str]:

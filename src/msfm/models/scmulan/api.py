@@ -45,6 +45,7 @@ from anndata import AnnData
 from torch import Tensor, nn
 
 from msfm.data import CellSource, GeneMapping, GenePanel, prepare_cells
+from msfm.data.normalize import normalized_rows
 from msfm.engine.io import check_output_free
 from msfm.errors import MsfmInputError
 from msfm.models.scmulan.decoding import DecodeOptions, GenerationResult, RepeatMask, generate_tokens, id_mask
@@ -53,7 +54,6 @@ from msfm.models.scmulan.inference import (
     bucket,
     iter_prompt_batches,
     load_model,
-    model_space,
     preprocessing_record,
     save_model,
 )
@@ -1442,9 +1442,7 @@ def _reference_pca(
     n = src.n_obs
     for start in range(0, n, chunk_size):
         rows = np.arange(start, min(n, start + chunk_size))
-        binned = tokenizer.binned_matrix(model_space(mapping.apply(src.rows(rows)), kind=src.kind)).astype(
-            np.float64
-        )
+        binned = tokenizer.binned_matrix(normalized_rows(src, rows, mapping)).astype(np.float64)
         total += np.asarray(binned.sum(axis=0)).ravel()
         gram += (binned.T @ binned).toarray()
         if groups is not None:

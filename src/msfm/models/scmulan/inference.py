@@ -17,17 +17,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from msfm.data import CellSource, GeneMapping
+from msfm.data.normalize import normalized_rows
 from msfm.engine.checkpoint import load_checkpoint, save_checkpoint
 from msfm.engine.device import resolve_device
 from msfm.errors import CheckpointError
 from msfm.models.scmulan.config import ScMulanConfig
 from msfm.models.scmulan.model import ScMulan
 from msfm.tokenizers.cell_sentence import CellSentenceTokenizer, CellSentenceVocab, Sentences
-from msfm.tokenizers.gene_panel import normalize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ GeneOrder = Literal["reverse", "forward", "random"]
 def preprocessing_record(*, n_levels: int = 10, gene_order: GeneOrder = "reverse") -> dict[str, Any]:
     """The preprocessing that travels with every scMulan checkpoint."""
     return {
-        "normalization": "log1p(counts / total * 1e4) unless the input is already normalised",
+        "normalization": "log1p(counts / total * 1e4), total over all genes of the cell, float64; already-normalised input as it is",
         "target_sum": 1e4,
         "log1p": True,
         "binning": "per cell: levels = digitize(v, linspace(0, max_v, n_levels + 1), right=True), float64",
@@ -131,16 +130,6 @@ def load_model(
     )
 
 
-def model_space(csr: sp.csr_matrix, *, kind: str) -> sp.csr_matrix:
-    """Counts -> log1p(counts per 10k); already-normalised input is used as it is.
-
-    Shape: ``[n, G]`` -> ``[n, G]`` (csr, float32).
-    """
-    if kind == "normalized":
-        return sp.csr_matrix(csr, dtype=np.float32)
-    return normalize_rows(csr)
-
-
 @dataclass
 class SentenceBatch:
     """One left-padded batch of prompts and where its cells sit in the source."""
@@ -186,7 +175,8 @@ def iter_prompt_batches(
     rows = np.asarray(rows, dtype=np.int64)
     for start in range(0, len(rows), chunk_size):
         obs_idx = rows[start : start + chunk_size]
-        panel = model_space(mapping.apply(source.rows(obs_idx)), kind=source.kind)
+        # log1p CP10k over all of the cell's genes, then its vocabulary genes (as the release).
+        panel = normalized_rows(source, obs_idx, mapping)
         genes = tokenizer.gene_sentences(panel)
         chunk_meta = None if meta is None else [meta[int(r)] for r in obs_idx]
         prompts: Sentences = tokenizer.prompts(genes, meta=chunk_meta, task=task)

@@ -36,6 +36,7 @@ from anndata import AnnData
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from msfm.data import CellSource, GeneMapping, GenePanel, harmonize_genes
+from msfm.data.normalize import normalized_rows
 from msfm.engine.io import read_config_file
 from msfm.engine.module import MsfmLightningModule, OptimConfig
 from msfm.engine.sampler import BatchStream
@@ -49,7 +50,7 @@ from msfm.engine.trainer import (
 )
 from msfm.errors import MsfmInputError
 from msfm.models.scmulan.config import ScMulanConfig
-from msfm.models.scmulan.inference import load_model, model_space, preprocessing_record
+from msfm.models.scmulan.inference import load_model, preprocessing_record
 from msfm.models.scmulan.model import ScMulan, ScMulanBlock
 from msfm.models.scmulan.objective import (
     ORGAN_CATEGORIES,
@@ -513,8 +514,7 @@ class _Cells:
         blocks, order = [], []
         for d in np.unique(ds):
             sel = np.flatnonzero(ds == d)
-            x = self.mappings[d].apply(self.sources[d].rows(cells[sel] - self.offsets[d]))
-            blocks.append(model_space(x, kind=self.sources[d].kind))
+            blocks.append(normalized_rows(self.sources[d], cells[sel] - self.offsets[d], self.mappings[d]))
             order.append(sel)
         stacked = sp.vstack(blocks, format="csr")
         inverse = np.empty(cells.size, dtype=np.int64)
@@ -804,7 +804,7 @@ def _data_genes(
     for d, (src, m) in enumerate(zip(sources, maps, strict=True)):
         take = min(src.n_obs, max(2, math.ceil(config.hvg_max_cells * src.n_obs / total)))
         rows = np.sort(rng.choice(src.n_obs, size=take, replace=False))
-        x = model_space(m.apply(src.rows(rows)), kind=src.kind)[:, present]
+        x = normalized_rows(src, rows, m)[:, present]
         blocks.append(x)
         batches += [str(d)] * x.shape[0]
     X = sp.vstack(blocks, format="csr")
