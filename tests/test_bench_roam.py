@@ -23,12 +23,12 @@ def test_preprocessing_bench_quick_writes_json_and_table(tmp_path) -> None:
 
 def test_model_cost_bench_small(tmp_path) -> None:
     from msfm.bench.roam_model import model_flops_per_roi, run_model_bench
-    from msfm.models.roam.presets import get_preset_config
+    from msfm.registry import preset_config
 
     res = run_model_bench(tmp_path, ks=(2,), train_ks=(2,), preset="roam-tiny", repeats=1, threads=1)
     rows = json.loads((tmp_path / "roam_model_bench.json").read_text())["rows"]
     assert [r["mode"] for r in rows] == ["inference", "train"]
     assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
-    cfg = get_preset_config("roam-tiny")
+    cfg = preset_config("roam-tiny")
     assert rows[0]["gflops"] == pytest.approx(2 * model_flops_per_roi(cfg) / 1e9)
     assert "| inference | 2 |" in res["markdown"]

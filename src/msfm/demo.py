@@ -85,10 +85,10 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> Path:
     import anndata as ad
 
     import msfm
-    from msfm.engine.io import atomic_write_json, atomic_write_text
     from msfm.models.scfoundation.api import embed, enhance
     from msfm.models.scfoundation.train import PretrainRunConfig, pretrain
     from msfm.pl import embedding_panels, metric_bars, training_curve
+    from msfm.runtime.atomic import atomic_write_json, atomic_write_text
 
     out = Path(out)
     fig_dir = out / "figures"

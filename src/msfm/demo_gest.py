@@ -58,12 +58,12 @@ def run_gest_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> dic
     """Run the GeST demo into ``out/gest`` and return its metrics (also in ``out/gest/metrics.json``)."""
     from msfm.data.spatial import spatial_coords
     from msfm.datasets.spatial import scc_st, semi_real_tissue
-    from msfm.engine.io import atomic_write_json
     from msfm.models.gest.api import embed
     from msfm.models.gest.evaluate import evaluate_generation, evaluate_niches, held_out_windows
     from msfm.models.gest.perturb import perturb
     from msfm.models.gest.train import GestTrainConfig, train
     from msfm.pl.spatial import generation_figure, spatial_scatter
+    from msfm.runtime.atomic import atomic_write_json
 
     root = Path(out) / "gest"
     fig_dir = root / "figures"

@@ -54,10 +54,10 @@ def _train(table: Path, features: Path, run: Path, task: str, *, quick: bool, se
 def run_roam_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the ROAM demo into ``out/roam`` and return its metrics (also written to ``out/roam/metrics.json``)."""
     from msfm.datasets.histology import build_cohort
-    from msfm.engine.io import atomic_write_json
     from msfm.models.roam.heatmaps import write_heatmaps
     from msfm.models.roam.predict import CascadeStage, cascade
     from msfm.models.roam.preprocess import PreprocessConfig, preprocess_slides
+    from msfm.runtime.atomic import atomic_write_json
 
     root = Path(out) / "roam"
     root.mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from msfm.engine.checkpoint import save_checkpoint
 from msfm.engine.module import MsfmLightningModule, OptimConfig
 from msfm.engine.objective import LossOutput
 from msfm.engine.predict import distributed_predict
 from msfm.engine.sampler import ResumableDataLoader
 from msfm.engine.trainer import ExportSpec, TrainerOptions, build_trainer, fit
+from msfm.runtime.checkpoint import save_checkpoint
 
 N_PREDICT = 13  # odd on purpose: DistributedSampler pads one rank with a duplicate
 

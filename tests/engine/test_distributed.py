@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import msfm
-from msfm.engine.checkpoint import is_checkpoint_dir, load_checkpoint
 from msfm.engine.predict import PREDICTIONS_FILE, distributed_predict
 from msfm.engine.trainer import TrainerOptions
+from msfm.runtime.checkpoint import is_checkpoint_dir, load_checkpoint
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 

@@ -13,7 +13,6 @@ from lightning.pytorch.callbacks import Callback
 from pydantic import ValidationError
 from torch.utils.data import DataLoader, TensorDataset
 
-from msfm.engine.checkpoint import is_checkpoint_dir, load_checkpoint
 from msfm.engine.module import MsfmLightningModule, OptimConfig
 from msfm.engine.objective import LossOutput
 from msfm.engine.sampler import ResumableDataLoader
@@ -29,6 +28,7 @@ from msfm.engine.trainer import (
     last_checkpoint,
 )
 from msfm.errors import CheckpointError, MsfmInputError
+from msfm.runtime.checkpoint import is_checkpoint_dir, load_checkpoint
 
 QUIET = {
     "accelerator": "cpu",

@@ -97,7 +97,7 @@ def test_unknown_name_suggests_close_matches() -> None:
 
 
 def test_register_model_forms_and_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry._REGISTRY, "_entries", dict(registry._REGISTRY._entries))
 
     @register_model
     def toy_linear(**overrides: object) -> torch.nn.Module:
@@ -133,3 +133,18 @@ def test_family_convert_names_stay_functions() -> None:
             importlib.import_module(f"{pkg.__name__}.{info.name}")
         assert callable(pkg.convert)
         assert not isinstance(pkg.convert, type(importlib))
+
+
+def test_preset_config_is_typed_and_family_aware() -> None:
+    from msfm.models.scmulan.config import ScMulanConfig
+    from msfm.registry import preset_config
+
+    cfg = preset_config("scmulan-tiny", vocab_size=100)
+    assert isinstance(cfg, ScMulanConfig)
+    assert (cfg.dim, cfg.vocab_size) == (128, 100)
+    assert preset_config("tiny", family="scmulan") == preset_config("scmulan-tiny")
+    with pytest.raises(MsfmInputError, match="is a roam preset, not a scmulan one"):
+        preset_config("roam-tiny", family="scmulan")
+    with pytest.raises(MsfmInputError, match=r"has no field\(s\) \['dimm'\]"):
+        preset_config("scmulan-tiny", dimm=3)
+    assert {"scfoundation-tiny", "scmulan-tiny", "roam-tiny", "gest-tiny"} <= set(list_models("*-tiny"))

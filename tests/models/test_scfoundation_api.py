@@ -143,7 +143,7 @@ def test_gene_embeddings_errors(cells, ckpts):
 
 
 def test_rde_variant_differs_only_in_head(ckpts):
-    from msfm.engine.checkpoint import load_checkpoint
+    from msfm.runtime.checkpoint import load_checkpoint
 
     cell = load_checkpoint(ckpts["cell"]).state_dict
     rde = load_checkpoint(ckpts["rde"]).state_dict

@@ -8,7 +8,7 @@ import torch
 from msfm.errors import MsfmInputError
 from msfm.models.scfoundation.config import ScFoundationConfig
 from msfm.models.scfoundation.model import ScFoundation, ScFoundationOutput
-from msfm.models.scfoundation.presets import get_preset_config
+from msfm.registry import preset_config
 
 G = 19264
 T_ID, S_ID, PAD_ID = G, G + 1, G + 2
@@ -17,7 +17,7 @@ T_ID, S_ID, PAD_ID = G, G + 1, G + 2
 @pytest.fixture(scope="module")
 def model() -> ScFoundation:
     torch.manual_seed(0)
-    return ScFoundation(get_preset_config("scfoundation-tiny")).eval()
+    return ScFoundation(preset_config("scfoundation-tiny")).eval()
 
 
 def _cells(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -217,7 +217,7 @@ def test_explicit_masks_equal_sentinel_path(model: ScFoundation) -> None:
 
 def test_gradients_reach_every_parameter() -> None:
     torch.manual_seed(0)
-    model = ScFoundation(get_preset_config("scfoundation-tiny")).train()
+    model = ScFoundation(preset_config("scfoundation-tiny")).train()
     batch = _cells([4, 9])
     batch["full_mask"] = torch.zeros(2, G + 2, dtype=torch.bool)
     batch["full_mask"][:, :3] = True
@@ -239,7 +239,7 @@ def test_gradients_reach_every_parameter() -> None:
 
 def test_projection_not_redrawn_in_training() -> None:
     torch.manual_seed(0)
-    model = ScFoundation(get_preset_config("scfoundation-tiny")).train()
+    model = ScFoundation(preset_config("scfoundation-tiny")).train()
     before = model.decoder.layers[0].attn.fast_attention.projection_matrix.clone()
     batch = _cells([3])
     for _ in range(3):
@@ -262,7 +262,7 @@ def test_input_errors(model: ScFoundation) -> None:
 
 def test_global_key_max_stays_close_to_per_cell() -> None:
     torch.manual_seed(0)
-    model = ScFoundation(get_preset_config("scfoundation-tiny", decoder_key_max="global")).eval()
+    model = ScFoundation(preset_config("scfoundation-tiny", decoder_key_max="global")).eval()
     batch = _cells([3, 30])
     batch["full_values"][1] *= 3.0
     with torch.no_grad():

@@ -21,8 +21,7 @@ from msfm.models.scfoundation.official import (
     convert_official_state_dict,
     load_official_checkpoint,
 )
-from msfm.models.scfoundation.presets import get_preset_config
-from msfm.registry import create_model
+from msfm.registry import create_model, preset_config
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "scfoundation"
 CKPT = FIXTURES / "tiny_official.ckpt"
@@ -154,7 +153,7 @@ def test_variants_differ_only_in_head() -> None:
 
 def test_config_read_from_checkpoint() -> None:
     config, state_dict = load_official_checkpoint(CKPT, "cell")
-    assert config == get_preset_config("scfoundation-fixture")
+    assert config == preset_config("scfoundation-fixture")
     assert (config.t_id, config.s_id, config.pad_id, config.seq_len) == (19264, 19265, 19266, 19266)
     assert len(state_dict) == 76  # 77 official tensors minus the redraw counter
     assert state_dict["decoder.layers.0.attn.fast_attention.projection_matrix"].shape == (16, 8)
@@ -170,7 +169,7 @@ def test_config_tolerates_unused_keys_of_any_type() -> None:
         extra=[1, {"a": 2}],
     )
     raw["model_config"]["mae_autobin"]["cell_token_id"] = 101
-    assert config_from_official(raw) == get_preset_config("scfoundation-fixture", decoder_nb_features=None)
+    assert config_from_official(raw) == preset_config("scfoundation-fixture", decoder_nb_features=None)
     assert config_from_official(raw["model_config"]["mae_autobin"], nb_features=16).nb_features == 16
 
 
@@ -208,7 +207,7 @@ def test_variant_errors(tmp_path: Path) -> None:
 
 def test_refuses_pickled_code(tmp_path: Path) -> None:
     path = _write(tmp_path, {"cell": {"config": {}, "state_dict": {}, "obj": Path("x")}})
-    with pytest.raises(CheckpointError, match="tensor-only"):
+    with pytest.raises(CheckpointError, match="weights_only=True"):
         load_official_checkpoint(path, "cell")
 
 
@@ -240,7 +239,7 @@ def test_full_100m_layout_loads_strictly() -> None:
     config = config_from_official(
         {"model_config": {"mae_autobin": layout["config_model_config_mae_autobin"]}}
     )
-    assert config == get_preset_config("scfoundation-100m")
+    assert config == preset_config("scfoundation-100m")
     converted = convert_official_state_dict(state, config)
     # Meta model + assign: strict key and shape checks without initialising 119M weights first.
     with torch.device("meta"):

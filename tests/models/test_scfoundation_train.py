@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import msfm
-from msfm.engine.checkpoint import load_checkpoint
 from msfm.errors import MsfmInputError
 from msfm.models.scfoundation.train import (
     PretrainRunConfig,
@@ -23,6 +22,7 @@ from msfm.models.scfoundation.train import (
     pretrain,
     resolve_panel,
 )
+from msfm.runtime.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -159,13 +159,13 @@ def test_pretrain_two_process_ddp_cpu(pbmc_file, tmp_path):
 
 
 def test_finetune_and_predict_on_real_labels(pbmc, tmp_path):
-    from msfm.engine.checkpoint import save_checkpoint
     from msfm.models.scfoundation.api import preprocessing_record
     from msfm.models.scfoundation.model import ScFoundation
-    from msfm.models.scfoundation.presets import get_preset_config
+    from msfm.registry import preset_config
+    from msfm.runtime.checkpoint import save_checkpoint
 
     panel = resolve_panel("data", [pbmc])
-    cfg = get_preset_config("scfoundation-tiny").model_copy(update={"num_genes": len(panel)})
+    cfg = preset_config("scfoundation-tiny").model_copy(update={"num_genes": len(panel)})
     torch.manual_seed(0)
     backbone = save_checkpoint(
         tmp_path / "bb",

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from msfm.data import CellSource
-from msfm.errors import MsfmInputError
+from msfm.errors import CheckpointError, MsfmInputError
 from msfm.models.scmulan import api
 from msfm.models.scmulan.decoding import DecodeOptions
 from msfm.models.scmulan.inference import LoadedScMulan, load_model
@@ -79,7 +79,7 @@ def test_convert_records_provenance_and_refuses_overwrite(ckpt_dir, tmp_path):
         api.convert(FIX / "tiny_official.pt", ckpt_dir)
     again = api.convert(FIX / "tiny_official.pt", tmp_path / "c", overwrite=False)
     assert (again / "model.safetensors").is_file()
-    with pytest.raises(MsfmInputError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         api.convert(tmp_path / "missing.pt", tmp_path / "d")
 
 

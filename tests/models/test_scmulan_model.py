@@ -20,7 +20,7 @@ from msfm.models.scmulan.official import (
     official_key_table,
     to_official_state_dict,
 )
-from msfm.models.scmulan.presets import get_preset_config
+from msfm.registry import preset_config
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scmulan"
 CKPT = FIXTURES / "tiny_official.pt"
@@ -60,7 +60,7 @@ def _left_padded(
 
 def _tiny(seed: int = 0, **overrides: object) -> ScMulan:
     torch.manual_seed(seed)
-    return ScMulan(get_preset_config("scmulan-tiny", dim=32, depth=2, num_heads=2, **overrides)).eval()
+    return ScMulan(preset_config("scmulan-tiny", dim=32, depth=2, num_heads=2, **overrides)).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_strict_load_of_the_released_368m_layout() -> None:
     from msfm.models.scmulan.official import config_from_official
 
     config = config_from_official(args)
-    assert config == get_preset_config("scmulan-368m", max_length=config.max_length)
+    assert config == preset_config("scmulan-368m", max_length=config.max_length)
     converted = convert_official_state_dict(state, config)
     with torch.device("meta"):
         model = ScMulan(config)
@@ -169,7 +169,7 @@ def test_key_table_and_inverse_round_trip(official: ScMulan) -> None:
 
 
 def test_convert_errors(tmp_path: Path) -> None:
-    with pytest.raises(MsfmInputError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_official_checkpoint(tmp_path / "missing.pt")
     bad = tmp_path / "not_a_dict.pt"
     torch.save([1, 2, 3], bad)
@@ -207,8 +207,8 @@ def test_unknown_args_are_ignored_and_prefixes_stripped(tmp_path: Path, official
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="divisible"):
         ScMulanConfig(dim=30, num_heads=4)
-    with pytest.raises(MsfmInputError, match="unknown scMulan preset"):
-        get_preset_config("scmulan-huge")
+    with pytest.raises(MsfmInputError, match="Unknown model 'scmulan-huge'"):
+        preset_config("scmulan-huge")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from msfm.models.scmulan.objective import (
     collate_examples,
     scmulan_loss,
 )
-from msfm.models.scmulan.presets import get_preset_config
+from msfm.registry import preset_config
 from msfm.tokenizers.cell_sentence import CellSentenceVocab, bin_levels
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -124,7 +124,7 @@ def test_next_targets_are_one_hot(toy):
 def test_loss_is_the_released_formula(toy, reduction):
     v = toy
     torch.manual_seed(0)
-    model = ScMulan(get_preset_config("scmulan-tiny", vocab_size=len(v), dim=16, depth=1, num_heads=2))
+    model = ScMulan(preset_config("scmulan-tiny", vocab_size=len(v), dim=16, depth=1, num_heads=2))
     batch = _batch(v, _sentences(v))
     cfg = ScMulanLossConfig(expression_weight=3.0, reduction=reduction)
     out = scmulan_loss(model, batch, cfg)
@@ -339,7 +339,7 @@ def test_tiny_model_overfits_annotation(pbmc_setup, one_thread):
     labels = ct[cells]
     sampler = TaskSampler(v, tasks={"annotate": 1}, gene_order="random", max_genes=32, meta_prompt_prob=0.0)
     torch.manual_seed(0)
-    model = ScMulan(get_preset_config("scmulan-tiny", vocab_size=len(v), dim=32, depth=2, num_heads=2))
+    model = ScMulan(preset_config("scmulan-tiny", vocab_size=len(v), dim=32, depth=2, num_heads=2))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     cfg = ScMulanLossConfig()
     losses, acc = [], 0.0

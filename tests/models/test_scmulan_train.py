@@ -17,7 +17,6 @@ import scipy.sparse as sp
 import torch
 
 import msfm
-from msfm.engine.checkpoint import load_checkpoint
 from msfm.errors import MsfmInputError
 from msfm.models.scmulan.decoding import DecodeOptions, generate_tokens, id_mask
 from msfm.models.scmulan.inference import load_model, save_model
@@ -30,6 +29,7 @@ from msfm.models.scmulan.train import (
     next_state_partners,
     train,
 )
+from msfm.runtime.checkpoint import load_checkpoint
 from msfm.tokenizers.cell_sentence import CellSentenceVocab
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

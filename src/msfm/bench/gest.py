@@ -29,13 +29,13 @@ def _speed_worker(job: dict[str, Any]) -> dict[str, Any]:
 
     from msfm.models.gest.generation import generate_cells
     from msfm.models.gest.model import Gest
-    from msfm.models.gest.presets import get_preset_config
+    from msfm.registry import preset_config
 
     torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
     k, t = job["n_metacells"], job["n_genes"]
     levels = tuple(s for s in (k, 15, 10, 5) if s <= k)
-    model = Gest(get_preset_config(job["preset"], n_genes=t, level_sizes=levels)).eval()
+    model = Gest(preset_config(job["preset"], n_genes=t, level_sizes=levels)).eval()
     model.set_vocabulary(torch.rand(k, t) * 2, torch.stack([torch.arange(k) * s // k for s in levels]))
     g = torch.Generator().manual_seed(1)
     n, c = job["n_cells"], job["n_context"]
@@ -112,7 +112,7 @@ def run_speed_bench(
     }
     results["markdown"] = format_markdown(results)
     if out is not None:
-        from msfm.engine.io import atomic_write_json
+        from msfm.runtime.atomic import atomic_write_json
 
         atomic_write_json(Path(out) / "gest_speed.json", results)
     return results
@@ -219,7 +219,7 @@ def run_quality_bench(
         lines.append(f"| {name} | {row['ami']:.3f} | {row['ari']:.3f} |")
     results["markdown"] = "\n".join(lines)
     if out is not None:
-        from msfm.engine.io import atomic_write_json
+        from msfm.runtime.atomic import atomic_write_json
 
         atomic_write_json(Path(out) / "gest_quality.json", results)
     if tmp is not None:

@@ -181,8 +181,8 @@ def _naive_run(paths: list[str], out_dir: Path, config: Any, encoder: Any, devic
 def _worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from msfm.engine.device import resolve_device
     from msfm.models.roam.preprocess import PreprocessConfig, preprocess_slides
+    from msfm.runtime.devices import resolve_device
 
     torch.set_num_threads(int(job["threads"]))
     device = resolve_device(job["device"])
@@ -307,9 +307,9 @@ def run_bench(
         The results: ``rows`` (the fastest run per encoder and path), ``runs`` (every run), ``summary`` (per encoder: speed-up of the pipeline in
         ROIs/s and the feature agreement), machine details and the markdown table under ``"markdown"``.
     """
-    from msfm.engine.device import resolve_device
-    from msfm.engine.io import atomic_write_json, atomic_write_text
     from msfm.errors import MsfmInputError
+    from msfm.runtime.atomic import atomic_write_json, atomic_write_text
+    from msfm.runtime.devices import resolve_device
 
     t_start = time.perf_counter()
     dev = resolve_device(device)

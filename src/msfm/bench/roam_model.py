@@ -116,7 +116,7 @@ def run_model_bench(
     results = {"torch": torch.__version__, "threads": threads, "rows": rows}
     results["markdown"] = format_markdown(results)
     if out is not None:
-        from msfm.engine.io import atomic_write_json
+        from msfm.runtime.atomic import atomic_write_json
 
         atomic_write_json(Path(out) / "roam_model_bench.json", results)
     return results

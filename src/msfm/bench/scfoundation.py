@@ -89,9 +89,9 @@ def _build(preset: str, device: torch.device):
     from msfm.data import GenePanel
     from msfm.models.scfoundation.inference import LoadedModel
     from msfm.models.scfoundation.model import ScFoundation
-    from msfm.models.scfoundation.presets import get_preset_config
+    from msfm.registry import preset_config
 
-    cfg = get_preset_config(preset)
+    cfg = preset_config(preset)
     torch.manual_seed(0)
     model = ScFoundation(cfg).to(device).eval()
     return LoadedModel(
@@ -206,8 +206,8 @@ def _official_style_loop(loaded: Any, source: Any, mapping: Any) -> tuple[np.nda
 
 
 def _worker_rss(args: dict[str, Any]) -> dict[str, Any]:
-    from msfm.engine.checkpoint import save_checkpoint
     from msfm.models.scfoundation.api import embed_file, preprocessing_record
+    from msfm.runtime.checkpoint import save_checkpoint
 
     loaded = _build(args["preset"], torch.device("cpu"))
     ckpt = Path(args["tmp"]) / "ckpt"
@@ -268,8 +268,8 @@ def run_benchmarks(
     sections: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the selected sections and write ``out/scfoundation.json``; returns the results."""
-    from msfm.engine.device import resolve_device
-    from msfm.engine.io import atomic_write_json
+    from msfm.runtime.atomic import atomic_write_json
+    from msfm.runtime.devices import resolve_device
 
     sections = sections or ["speed", "flops", "bf16", "rss"]
     dev = resolve_device(device)

@@ -305,9 +305,9 @@ def msfm_annotate_batched(
         batch_size: cells per batch.
         precision: ``"32"``, ``"bf16"`` (autocast) or ``"int8"`` (the model already quantized; fp32 autocast).
     """
-    from msfm.engine.device import autocast_context
     from msfm.models.scmulan.decoding import DecodeOptions, generate_tokens, id_mask
     from msfm.models.scmulan.inference import iter_prompt_batches
+    from msfm.runtime.devices import autocast_context
     from msfm.tokenizers.cell_sentence import ANNOTATE
 
     vocab, dev, model = loaded.vocab, loaded.device, loaded.model
@@ -352,10 +352,10 @@ def _load(preset: str, weights: str, device: torch.device, precision: str) -> tu
 
     from msfm.models.scmulan.inference import LoadedScMulan, preprocessing_record
     from msfm.models.scmulan.model import ScMulan
-    from msfm.models.scmulan.presets import get_preset_config
+    from msfm.registry import preset_config
     from msfm.tokenizers.cell_sentence import CellSentenceVocab
 
-    cfg = get_preset_config(preset)
+    cfg = preset_config(preset)
     with torch.device("meta"):
         model = ScMulan(cfg)
     model.load_state_dict(load_file(weights), assign=True)
@@ -717,8 +717,8 @@ def run_benchmarks(
     ``out/scmulan_bench.md``). ``quick=True``: tiny preset only, a few cells, one worker process (seconds).
     ``threads``: torch threads in every worker (default: all cores).
     """
-    from msfm.engine.device import resolve_device
     from msfm.errors import MsfmInputError
+    from msfm.runtime.devices import resolve_device
 
     sections = list(sections or SECTIONS)
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -739,9 +739,9 @@ def _run(
     """The body of :func:`run_benchmarks` (``tmp`` is a scratch folder)."""
     from safetensors.torch import save_file
 
-    from msfm.engine.io import atomic_write_json, atomic_write_text
     from msfm.models.scmulan.model import ScMulan
-    from msfm.models.scmulan.presets import get_preset_config
+    from msfm.registry import preset_config
+    from msfm.runtime.atomic import atomic_write_json, atomic_write_text
     from msfm.tokenizers.cell_sentence import CellSentenceVocab
 
     t_start = time.perf_counter()
@@ -801,7 +801,7 @@ def _run(
     weights: dict[str, str] = {}
     results["models"] = {}
     for preset in plans:
-        cfg = get_preset_config(preset)
+        cfg = preset_config(preset)
         torch.manual_seed(0)
         t0 = time.perf_counter()
         model = ScMulan(cfg)

@@ -11,8 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
-from msfm.engine.io import check_output_free
 from msfm.errors import MsfmInputError
+from msfm.runtime.atomic import check_output_free
+from msfm.runtime.jsonable import to_jsonable
 
 __all__ = [
     "annotate",
@@ -142,7 +143,7 @@ def read_input(path: Path) -> Any:
 
 
 def _write_h5ad(adata: Any, out: Path, data: Path) -> None:
-    from msfm.engine.io import write_h5ad_atomic
+    from msfm.runtime.h5ad import write_h5ad_atomic
 
     write_h5ad_atomic(adata, out, overwrite_input_guard=[data])
     typer.echo(f"wrote {out} ({adata.n_obs} x {adata.n_vars})")
@@ -255,7 +256,7 @@ def read_xy_table(path: Path, option: str) -> Any:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    from msfm.engine.io import read_config_file
+    from msfm.runtime.config import read_config_file
 
     return read_config_file(path, what="GestTrainConfig")
 
@@ -339,12 +340,6 @@ def _merge(base: dict[str, Any], key: str, extra: dict[str, Any]) -> None:
         msg = f"Config field {key!r} must be a mapping; got {current!r}."
         raise MsfmInputError(msg)
     base[key] = {**current, **extra}
-
-
-def _jsonable(value: Any) -> Any:
-    from msfm.eval.classification import to_jsonable
-
-    return to_jsonable(value)
 
 
 def _echo_table(df: Any) -> None:
@@ -658,8 +653,8 @@ def perturb(
     overwrite: Overwrite = False,
 ) -> None:
     """Edit genes in a region and compare the regenerated surroundings with a control generation."""
-    from msfm.engine.io import atomic_dir, atomic_write_json, atomic_write_text
     from msfm.models.gest.perturb import perturb as _perturb
+    from msfm.runtime.atomic import atomic_dir, atomic_write_json, atomic_write_text
 
     given = [n for n, v in (("--region-box", region_box), ("--region-polygon", region_polygon),
                             ("--region-column", region_column)) if v is not None]  # fmt: skip
@@ -709,7 +704,7 @@ def perturb(
         duplicates=duplicates,
         **_read_kwargs(layer, pre_normalized, spatial_key, scale, section_key),
     )
-    summary = _jsonable({**result.summary, "params": result.params})
+    summary = to_jsonable({**result.summary, "params": result.params})
     with atomic_dir(out) as tmp:
         result.adata.write_h5ad(tmp / "perturbation.h5ad")
         atomic_write_text(tmp / "report.csv", result.report.to_csv(index_label="gene"))
@@ -768,8 +763,8 @@ def evaluate(
     overwrite: Overwrite = False,
 ) -> None:
     """Score generation of held-out cells against baselines (and niche clustering against labels)."""
-    from msfm.engine.io import atomic_dir, atomic_write_text
     from msfm.models.gest.evaluate import evaluate_generation, evaluate_niches
+    from msfm.runtime.atomic import atomic_dir, atomic_write_text
 
     base = (
         ()

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from msfm.cli import roam_interpret, roam_preprocess, roam_train
-from msfm.engine.io import check_output_free
+from msfm.runtime.atomic import check_output_free
 
 app = typer.Typer(
     help=(

@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from msfm.engine.io import atomic_write_json, atomic_write_text, check_output_free
 from msfm.errors import MsfmInputError
+from msfm.runtime.atomic import atomic_write_json, atomic_write_text, check_output_free
 
 __all__ = ["cascade", "evaluate", "predict", "register", "train"]
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from msfm.engine.io import check_output_free
+from msfm.runtime.atomic import check_output_free
 
 app = typer.Typer(
     help="scFoundation (xTrimoGene): cell/gene embeddings, read-depth enhancement, pretraining.",
@@ -140,8 +140,8 @@ def enhance(
 ) -> None:
     """Read-depth enhancement (T above S) to layers['scfoundation_enhanced']."""
     from msfm.data import read
-    from msfm.engine.io import write_h5ad_atomic
     from msfm.models.scfoundation.api import enhance as _enhance
+    from msfm.runtime.h5ad import write_h5ad_atomic
 
     check_output_free(out, overwrite=overwrite)
     adata = read(data)
@@ -308,8 +308,8 @@ def predict(
 ) -> None:
     """Predict cell types: obs[key] labels and obs[key + '_confidence']."""
     from msfm.data import read
-    from msfm.engine.io import write_h5ad_atomic
     from msfm.models.scfoundation.train import predict_cell_types
+    from msfm.runtime.h5ad import write_h5ad_atomic
 
     check_output_free(out, overwrite=overwrite)
     adata = read(data)

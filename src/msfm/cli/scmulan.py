@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from msfm.engine.io import check_output_free
 from msfm.errors import MsfmInputError
+from msfm.runtime.atomic import check_output_free
 
 app = typer.Typer(
     help=(
@@ -78,7 +78,7 @@ def _read(path: Path) -> Any:
 
 
 def _write(adata: Any, out: Path, guard: Path | None) -> None:
-    from msfm.engine.io import write_h5ad_atomic
+    from msfm.runtime.h5ad import write_h5ad_atomic
 
     write_h5ad_atomic(adata, out, overwrite_input_guard=[guard] if guard is not None else [])
     typer.echo(f"wrote {out}")
@@ -410,7 +410,7 @@ def perturb(
         progress=not quiet,
         **_gene_kwargs(gene_column, species, no_aliases),
     )
-    from msfm.engine.io import atomic_write_text
+    from msfm.runtime.atomic import atomic_write_text
 
     _write(cells, out, reference)
     atomic_write_text(scores, table.to_csv(index=False))

@@ -32,8 +32,8 @@ def datasets_export(
 ) -> None:
     """Write a bundled AnnData dataset to an .h5ad file (`msfm datasets list` says what each one holds)."""
     import msfm.datasets as ds
-    from msfm.engine.io import write_h5ad_atomic
     from msfm.errors import MsfmInputError
+    from msfm.runtime.h5ad import write_h5ad_atomic
 
     available = ds.list_datasets()
     if name not in available:

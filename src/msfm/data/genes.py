@@ -45,6 +45,7 @@ from msfm.data.resources import (
     sha256_file,
 )
 from msfm.errors import MsfmInputError
+from msfm.runtime.jsonable import to_uns
 
 logger = logging.getLogger(__name__)
 
@@ -370,20 +371,10 @@ class GeneMapping:
         h5ad cannot store ``None`` or lists of dicts, so ``None`` becomes ``""`` and ``conflicts`` becomes a dict
         of columns (``panel_gene``, ``kept``, ``kept_method``, ``dropped``, ``dropped_method``).
         """
-        out = _h5ad_safe({k: v for k, v in self.report.items() if k != "conflicts"})
+        out = to_uns({k: v for k, v in self.report.items() if k != "conflicts"})
         columns = ("panel_gene", "kept", "kept_method", "dropped", "dropped_method")
         out["conflicts"] = {c: [str(row[c]) for row in self.report["conflicts"]] for c in columns}
         return out
-
-
-def _h5ad_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _h5ad_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_h5ad_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return "" if obj is None else obj
 
 
 @dataclass

@@ -22,7 +22,7 @@ from msfm.errors import MsfmInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED_FORMATS", "read", "read_many"]
+__all__ = ["SUPPORTED_FORMATS", "as_anndata", "read", "read_many"]
 
 SUPPORTED_FORMATS = (
     ".h5ad (in memory or backed='r')",
@@ -39,6 +39,29 @@ def _formats() -> str:
 
 def _strip_gz(name: str) -> str:
     return name[:-3] if name.endswith(".gz") else name
+
+
+def as_anndata(data: ad.AnnData | str | os.PathLike[str], *, copy: bool = False) -> ad.AnnData:
+    """The AnnData a verb works on: ``data`` itself (or a copy), or the file ``data`` read into memory.
+
+    Every verb's first argument goes through here, so ``verb(adata, ...)`` and ``verb("cells.h5ad", ...)`` both work.
+
+    Args:
+        data: an AnnData, or a path in one of :data:`SUPPORTED_FORMATS`.
+        copy: return a copy of an AnnData instead of the object itself (files are always new objects).
+
+    Raises:
+        MsfmInputError: ``data`` is neither an AnnData nor a readable path.
+    """
+    if isinstance(data, ad.AnnData):
+        return data.copy() if copy else data
+    if isinstance(data, str | os.PathLike):
+        return read(data)
+    msg = (
+        f"Expected an AnnData (cells x genes) or the path of a file msfm reads; got {type(data).__name__}. "
+        f"Supported files: {_formats()}."
+    )
+    raise MsfmInputError(msg)
 
 
 def read(path: str | os.PathLike[str], *, backed: bool | str = False) -> ad.AnnData:

@@ -18,7 +18,44 @@ import numpy as np
 
 from msfm.errors import MsfmInputError
 
-__all__ = ["BlockShuffleSampler", "LengthBucketBatchSampler"]
+__all__ = ["BlockShuffleSampler", "LengthBucketBatchSampler", "length_buckets"]
+
+
+def length_buckets(
+    order: Sequence[int] | np.ndarray,
+    lengths: Sequence[int] | np.ndarray,
+    *,
+    batch_size: int,
+    max_tokens: int | None,
+) -> Iterator[np.ndarray]:
+    """Cut ``order`` into consecutive batches of at most ``batch_size`` items and ``max_tokens`` padded tokens.
+
+    A batch costs ``n_items * longest`` tokens once padded; an item longer than ``max_tokens`` gets a batch of its
+    own. Give ``order = argsort(lengths)`` for length bucketing (little padding per batch).
+
+    Args:
+        order: item indices in the order to batch them.
+        lengths: token length of every item (indexed by the values of ``order``).
+        batch_size: most items per batch.
+        max_tokens: most padded tokens per batch (None: no cap).
+
+    Yields:
+        ``int64`` arrays of item indices.
+    """
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        length = int(lengths[i])
+        grown = max(longest, length)
+        too_many = len(current) >= batch_size
+        too_long = max_tokens is not None and bool(current) and grown * (len(current) + 1) > max_tokens
+        if too_many or too_long:
+            yield np.asarray(current, dtype=np.int64)
+            current, grown = [], length
+        current.append(int(i))
+        longest = grown
+    if current:
+        yield np.asarray(current, dtype=np.int64)
 
 
 class LengthBucketBatchSampler:
@@ -78,23 +115,12 @@ class LengthBucketBatchSampler:
         self.epoch = int(epoch)
 
     def _batches(self, order: np.ndarray) -> list[list[int]]:
-        batches: list[list[int]] = []
-        current: list[int] = []
-        longest = 0
-        for i in order:
-            length = int(self.lengths[i])
-            grown = max(longest, length)
-            too_many = len(current) >= self.batch_size
-            too_long = (
-                self.max_tokens is not None and current and grown * (len(current) + 1) > self.max_tokens
+        batches = [
+            b.tolist()
+            for b in length_buckets(
+                order, self.lengths, batch_size=self.batch_size, max_tokens=self.max_tokens
             )
-            if too_many or too_long:
-                batches.append(current)
-                current, grown = [], length
-            current.append(int(i))
-            longest = grown
-        if current:
-            batches.append(current)
+        ]
         if self.drop_last and self.max_tokens is None and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
         return batches

@@ -25,6 +25,7 @@ from msfm.data.genes import GeneMapping, GenePanel, harmonize_genes
 from msfm.data.readers import read
 from msfm.data.source import CellSource
 from msfm.errors import MsfmInputError
+from msfm.runtime.devices import rank_world
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +36,6 @@ class _Entry:
     adata: AnnData | None
     n_obs: int
     mapping: GeneMapping
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    # Lightning sets these before the process group exists (e.g. while building dataloaders).
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class PanelRowStream(torch.utils.data.IterableDataset):
@@ -123,7 +117,7 @@ class PanelRowStream(torch.utils.data.IterableDataset):
         return blocks
 
     def __iter__(self) -> Iterator[sp.csr_matrix]:
-        rank, world = _dist_rank_world()
+        rank, world = rank_world()
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shard, n_shards = rank * n_workers + worker, world * n_workers

@@ -28,8 +28,8 @@ import pandas as pd
 from PIL import Image
 
 from msfm.data.resources import resource_path, sha256_file
-from msfm.engine.io import atomic_write_text
 from msfm.errors import MsfmInputError
+from msfm.runtime.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

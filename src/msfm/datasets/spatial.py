@@ -138,7 +138,7 @@ def _derive_scc_st(
     Returns:
         The written path.
     """
-    from msfm.engine.io import write_h5ad_atomic
+    from msfm.runtime.h5ad import write_h5ad_atomic
 
     src_digest = sha256_file(src_path)
     if check_source and src_digest != _SCC_SOURCE_SHA256:

@@ -21,9 +21,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 from torch.utils.data import DataLoader
 
-from msfm.engine.io import atomic_write
 from msfm.engine.trainer import TrainerOptions, _coerce_options
 from msfm.errors import MsfmInputError
+from msfm.runtime.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 

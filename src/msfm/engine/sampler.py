@@ -17,7 +17,6 @@ from __future__ import annotations
 import abc
 import logging
 import math
-import os
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -26,10 +25,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from msfm.errors import MsfmInputError
+from msfm.runtime.devices import rank_world
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BatchStream", "ResumableDataLoader", "ResumableSampler", "rank_world"]
+__all__ = ["BatchStream", "ResumableDataLoader", "ResumableSampler"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -216,14 +216,6 @@ class ResumableDataLoader(DataLoader):
         self.sampler.set_epoch(epoch)
         self.sampler.skip_next(batches * (self.batch_size or 1), epoch=epoch)
         logger.info("data loader resumes epoch %d after %d batches", epoch, batches)
-
-
-def rank_world() -> tuple[int, int]:
-    """``(rank, world size)`` of this process: from the process group, else from Lightning's environment."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    # Lightning sets these before the process group exists (e.g. while building dataloaders).
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class BatchStream(torch.utils.data.IterableDataset, abc.ABC):

@@ -40,9 +40,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from msfm._version import __version__
-from msfm.engine.checkpoint import save_checkpoint
-from msfm.engine.io import atomic_write, atomic_write_json
-from msfm.errors import CheckpointError, MsfmInputError
+from msfm.errors import MsfmInputError
+from msfm.runtime.atomic import atomic_write, atomic_write_json
+from msfm.runtime.checkpoint import save_checkpoint
+from msfm.runtime.jsonable import to_jsonable
+from msfm.runtime.safe_load import load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -221,19 +223,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 
 def _safe_torch_load(path: PathLike, *, map_location: Any = None, mmap: bool = False) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        msg = f"Lightning checkpoint {p} does not exist."
-        raise CheckpointError(msg)
-    try:
-        return torch.load(p, map_location=map_location or "cpu", weights_only=True, mmap=mmap)
-    except Exception as err:  # torch raises UnpicklingError/RuntimeError depending on the offending object
-        msg = (
-            f"Cannot load {p} with weights_only=True ({type(err).__name__}: {str(err)[:300]}). msfm only resumes from "
-            "checkpoints holding tensors and plain values; objects that need unpickling are refused. If the run was "
-            "written by msfm, the file is damaged: delete it to restart from scratch."
-        )
-        raise CheckpointError(msg) from err
+    hint = "If the run was written by msfm, the file is damaged: delete it to restart from scratch."
+    return load_torch_file(
+        path, what="Lightning checkpoint", hint=hint, map_location=map_location or "cpu", mmap=mmap
+    )
 
 
 class _SafeFSDPStrategy(FSDPStrategy):
@@ -653,16 +646,6 @@ def resume_step(run_dir: PathLike) -> int:
     return int(_safe_torch_load(ckpt, mmap=True).get("global_step", 0))
 
 
-def _to_json(value: Any) -> Any:
-    if value is None:
-        return None
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    if isinstance(value, Mapping):
-        return {str(k): _to_json(v) for k, v in value.items()}
-    return value
-
-
 def fit(
     trainer: lightning.Trainer,
     module: lightning.LightningModule,
@@ -713,9 +696,9 @@ def fit(
                 "msfm_version": __version__,
                 "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "resumed_from_step": step if ckpt is not None else None,
-                "trainer": _to_json(opts),
-                "optim": _to_json(optim),
-                "run": _to_json(run_config),
+                "trainer": to_jsonable(opts),
+                "optim": to_jsonable(optim),
+                "run": to_jsonable(run_config),
             },
         )
     fit_kwargs: dict[str, Any] = {"ckpt_path": ckpt, "weights_only": True}

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from msfm.errors import MsfmInputError
+from msfm.runtime.jsonable import to_jsonable
 
 __all__ = ["classification_report", "one_vs_rest_auc", "save_confusion_png", "to_jsonable"]
 
@@ -181,23 +182,6 @@ def classification_report(
     }
 
 
-def to_jsonable(value: Any) -> Any:
-    """Turn a report (nested dicts/lists, numpy scalars and arrays, NaN) into strict JSON values (NaN -> None)."""
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
-
-
 def save_confusion_png(
     confusion: Mapping[str, Any],
     class_names: Sequence[str],
@@ -224,7 +208,7 @@ def save_confusion_png(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from msfm.engine.io import atomic_write
+    from msfm.runtime.atomic import atomic_write
 
     counts = np.asarray(confusion["counts"], dtype=float)
     norm = np.asarray(

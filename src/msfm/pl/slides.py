@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from msfm.engine.io import atomic_write_bytes
 from msfm.errors import MsfmInputError
+from msfm.runtime.atomic import atomic_write_bytes
 
 __all__ = [
     "colorize",

@@ -455,7 +455,7 @@ class CellSentenceVocab:
 
     def save(self, path: str | Path) -> Path:
         """Write the vocabulary as JSON, atomically (no half-written file on a crash)."""
-        from msfm.engine.io import atomic_write_json
+        from msfm.runtime.atomic import atomic_write_json
 
         return atomic_write_json(path, self.to_dict(), indent=1)
 

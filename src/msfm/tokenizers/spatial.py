@@ -693,7 +693,8 @@ class MetaCellVocab:
         Raises:
             MsfmInputError: ``path`` does not end in ``.safetensors`` or its folder does not exist.
         """
-        from msfm.engine.io import atomic_write_json, write_safetensors_atomic
+        from msfm.runtime.atomic import atomic_write_json
+        from msfm.runtime.safetensors import write_safetensors_atomic
 
         path = Path(path)
         if path.suffix != ".safetensors":

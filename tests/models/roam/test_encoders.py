@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from msfm.errors import MsfmInputError
+from msfm.errors import CheckpointError, MsfmInputError
 from msfm.models.roam.encoders import (
     ResNet50Trunc,
     available_encoders,
@@ -123,9 +123,9 @@ def test_resnet50_trunc_wrong_layout_errors(tmp_path: Path) -> None:
         build_encoder("resnet50_trunc", weights=shapes)
     not_torch = tmp_path / "junk.pth"
     not_torch.write_bytes(b"not a torch file")
-    with pytest.raises(MsfmInputError, match="weights_only=True"):
+    with pytest.raises(CheckpointError, match="weights_only=True"):
         build_encoder("resnet50_trunc", weights=not_torch)
-    with pytest.raises(MsfmInputError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         build_encoder("resnet50_trunc", weights=tmp_path / "absent.pth")
 
 

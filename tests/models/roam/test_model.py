@@ -147,7 +147,7 @@ def test_checkpoint_round_trip(tmp_path) -> None:
 
 
 def test_load_model_rejects_other_family(tmp_path) -> None:
-    from msfm.engine.checkpoint import save_checkpoint
+    from msfm.runtime.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "x", family="scmulan", config={"a": 1}, state_dict={"w": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="roam"):

@@ -24,7 +24,7 @@ from msfm.models.roam.predict import (
     predict_slides,
     read_cascade_spec,
 )
-from msfm.models.roam.presets import get_preset_config
+from msfm.registry import preset_config
 
 D = 16
 TINY = {"dim": 16, "heads": 2, "dim_head": 8, "mlp_dim": 32, "depths": (1, 1, 1, 1, 1)}
@@ -54,7 +54,7 @@ def _features(root: Path, n: int = 10, encoder: str = "synthetic", seed: int = 0
 def _model(classes: list[str], seed: int) -> Roam:
     torch.manual_seed(seed)
     model = Roam(
-        get_preset_config("roam-tiny", d_in=D, n_classes=len(classes), class_names=tuple(classes), **TINY)
+        preset_config("roam-tiny", d_in=D, n_classes=len(classes), class_names=tuple(classes), **TINY)
     )
     with torch.no_grad():  # larger head weights so the random models disagree clearly between slides
         for head in model.slide_heads:

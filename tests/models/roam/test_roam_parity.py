@@ -19,8 +19,7 @@ from msfm.models.roam.official import (
     load_official_checkpoint,
     to_official_state_dict,
 )
-from msfm.models.roam.presets import get_preset_config
-from msfm.registry import create_model
+from msfm.registry import create_model, preset_config
 
 FIX = Path(__file__).parents[2] / "fixtures" / "roam"
 SLIDES = ("A", "B", "C")
@@ -52,7 +51,7 @@ def test_fixture_config_is_the_fixture_preset(model: Roam) -> None:
     meta = json.loads(_metadata()["config"])
     assert model.config.depths == tuple(meta["depths"])
     assert model.config.scale_weights == tuple(meta["embed_weights"])
-    preset = get_preset_config("roam-fixture")
+    preset = preset_config("roam-fixture")
     for field in ("d_in", "dim", "heads", "dim_head", "mlp_dim", "depths", "n_classes", "scale_weights"):
         assert getattr(model.config, field) == getattr(preset, field), field
 
@@ -134,7 +133,7 @@ def test_released_layout_loads_strictly_into_the_subtyping_preset() -> None:
     assert not list(model.state_dict(keep_vars=False).keys() - set(convert_official_state_dict(state)))
     model.load_state_dict(convert_official_state_dict(state), strict=True)
     inferred = config_from_official_state_dict(state)
-    preset = get_preset_config("roam-subtyping")
+    preset = preset_config("roam-subtyping")
     for field in ("d_in", "dim", "heads", "dim_head", "mlp_dim", "depths", "n_classes", "shared_rel_bias"):
         assert getattr(inferred, field) == getattr(preset, field), field
     # Every released key maps onto a distinct msfm key and back.

@@ -13,7 +13,6 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from msfm.engine.checkpoint import load_checkpoint
 from msfm.errors import MsfmInputError
 from msfm.models.roam.features import SlideFeatures, write_slide_features
 from msfm.models.roam.train import (
@@ -29,6 +28,7 @@ from msfm.models.roam.train import (
     sample_weights,
     train,
 )
+from msfm.runtime.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -239,13 +239,13 @@ def test_objective_batch_equals_mean_of_slides(cohort):
     """Padding slides into one batch gives the reference's (sum of per-slide losses) / batch size."""
     from msfm.models.roam.model import Roam
     from msfm.models.roam.predict import FeatureStore
-    from msfm.models.roam.presets import get_preset_config
+    from msfm.registry import preset_config
 
     table, fd = cohort
     t = read_slide_table(table, "subtype", features_dir=fd)
     store = FeatureStore(t.paths)
     ds = SlideBagDataset(store, t.slide_ids[:4], t.labels[:4])
-    model = Roam(get_preset_config("roam-tiny", d_in=D, n_classes=2, dropout=0.0, mil_dropout=0.0, **TINY))
+    model = Roam(preset_config("roam-tiny", d_in=D, n_classes=2, dropout=0.0, mil_dropout=0.0, **TINY))
     model.train()  # instance loss on; no dropout so the comparison is exact
     whole = roam_objective(model, collate_slides([ds[i] for i in range(4)]), roi_weight=0.7).loss
     per = [roam_objective(model, collate_slides([ds[i]]), roi_weight=0.7).loss for i in range(4)]
@@ -414,12 +414,12 @@ def test_class_absent_from_a_fold(tmp_path):
 def test_init_from_keeps_shared_weights_and_resizes_heads(cohort, tmp_path):
     from msfm.models.roam.checkpoint import save_model
     from msfm.models.roam.model import Roam
-    from msfm.models.roam.presets import get_preset_config
     from msfm.models.roam.train import _build_model
+    from msfm.registry import preset_config
 
     table, fd = cohort
     t = read_slide_table(table, "subtype", features_dir=fd)
-    base = Roam(get_preset_config("roam-tiny", d_in=D, n_classes=3, **TINY))
+    base = Roam(preset_config("roam-tiny", d_in=D, n_classes=3, **TINY))
     save_model(base, tmp_path / "base", extra={"task": "other"})
     model = _build_model(
         cfg(init_from=str(tmp_path / "base"), model_overrides={"dropout": 0.0}), t, D, seed=0

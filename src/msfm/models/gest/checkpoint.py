@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from msfm.engine.checkpoint import load_checkpoint, save_checkpoint
-from msfm.engine.device import resolve_device
 from msfm.errors import CheckpointError
 from msfm.models.gest.config import GestConfig
 from msfm.models.gest.model import Gest
+from msfm.runtime.checkpoint import load_checkpoint, save_checkpoint
+from msfm.runtime.devices import resolve_device
 from msfm.tokenizers.spatial import MetaCellVocab
 
 __all__ = ["FAMILY", "VOCAB_PREFIX", "LoadedGest", "checkpoint_state", "load_model", "save_model"]

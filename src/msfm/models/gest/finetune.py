@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from anndata import AnnData
 from pydantic import BaseModel, ConfigDict, Field
 
-from msfm.engine.checkpoint import load_checkpoint
-from msfm.engine.device import resolve_device
 from msfm.engine.module import MsfmLightningModule, OptimConfig
 from msfm.engine.objective import LossOutput
 from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit
@@ -37,6 +35,8 @@ from msfm.models.gest.api import (
 from msfm.models.gest.checkpoint import VOCAB_PREFIX, LoadedGest, load_model
 from msfm.models.gest.config import GestConfig
 from msfm.models.gest.model import Gest, GestBlock, GestNicheClassifier
+from msfm.runtime.checkpoint import load_checkpoint
+from msfm.runtime.devices import resolve_device
 from msfm.tokenizers.spatial import MetaCellVocab
 
 logger = logging.getLogger(__name__)

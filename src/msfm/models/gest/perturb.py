@@ -29,6 +29,7 @@ from msfm.errors import MsfmInputError
 from msfm.eval.spatial import perturbation_report, perturbation_summary
 from msfm.models.gest.api import Checkpoint, cell_selection, generate_arrays, prepare_cells, read_options
 from msfm.models.gest.checkpoint import load_model
+from msfm.runtime.jsonable import to_uns
 
 logger = logging.getLogger(__name__)
 
@@ -409,9 +410,5 @@ def perturb(
     out.layers["perturbed"] = np.concatenate([edited, perturbed]).astype(np.float32)
     out.obsm["spatial"] = xy[rows]
     out.uns["msfm_spatial"] = {"unit": "um", "um_per_unit": 1.0}
-    out.uns["gest_perturbation"] = {**params, **{k: v for k, v in summary.items() if _jsonable(v)}}
+    out.uns["gest_perturbation"] = to_uns({**params, **{k: v for k, v in summary.items() if np.ndim(v) == 0}})
     return PerturbationResult(adata=out, report=report, summary=summary, params=params)
-
-
-def _jsonable(v: Any) -> bool:
-    return v is None or isinstance(v, str | int | float | bool)

@@ -48,7 +48,7 @@ from msfm.models.gest.config import GestConfig
 from msfm.models.gest.data import TARGET_SUM, SpatialCells, collate_windows, select_genes, spatial_cells
 from msfm.models.gest.model import Gest, GestBlock
 from msfm.models.gest.objective import GestLossConfig, gest_objective
-from msfm.models.gest.presets import get_preset_config
+from msfm.registry import preset_config
 from msfm.tokenizers.spatial import MetaCellVocab, WindowSampler
 
 logger = logging.getLogger(__name__)
@@ -289,8 +289,9 @@ def train(
             fresh.load_state_dict(model.state_dict(), strict=True)
             model = fresh.train()
     else:
-        model_cfg = get_preset_config(
+        model_cfg = preset_config(
             config.preset,
+            family="gest",
             **config.model_overrides,
             n_genes=vocab.n_genes,
             level_sizes=tuple(int(s) for s in vocab.level_sizes),

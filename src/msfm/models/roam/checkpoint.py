@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from msfm.engine.checkpoint import load_checkpoint, save_checkpoint
 from msfm.errors import CheckpointError
 from msfm.models.roam.config import RoamConfig
 from msfm.models.roam.model import Roam
+from msfm.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["FAMILY", "convert_official", "load_model", "save_model"]
 

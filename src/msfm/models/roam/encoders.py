@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from msfm.errors import MsfmInputError
+from msfm.runtime.registry import Registry
+from msfm.runtime.safe_load import load_torch_file, unwrap_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ENCODER_IMPL_VERSION = 1
 
 EncoderBuilder = Callable[..., "PatchEncoder"]
-_REGISTRY: dict[str, EncoderBuilder] = {}
+_REGISTRY: Registry[EncoderBuilder] = Registry(
+    "encoder", hint="Or 'timm:<model>'.", normalise=lambda name: str(name).strip().lower()
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,19 +282,17 @@ def register_encoder(name: str) -> Callable[[EncoderBuilder], EncoderBuilder]:
     """Decorator registering ``builder(*, weights=None, **kwargs) -> PatchEncoder`` under ``name``."""
 
     def deco(builder: EncoderBuilder) -> EncoderBuilder:
-        key = name.strip().lower()
-        if key in _REGISTRY and _REGISTRY[key] is not builder:
-            msg = f"An encoder named {key!r} is already registered; choose another name."
-            raise MsfmInputError(msg)
-        _REGISTRY[key] = builder
-        return builder
+        try:
+            return _REGISTRY.register(name, builder)
+        except ValueError as err:
+            raise MsfmInputError(str(err)) from None
 
     return deco
 
 
 def available_encoders() -> list[str]:
     """Registered encoder names, plus the ``timm:<model>`` pattern."""
-    return [*sorted(_REGISTRY), "timm:<model>"]
+    return [*_REGISTRY.names(), "timm:<model>"]
 
 
 def build_encoder(name: str, *, weights: str | os.PathLike[str] | None = None, **kwargs: Any) -> PatchEncoder:
@@ -317,10 +319,7 @@ def build_encoder(name: str, *, weights: str | os.PathLike[str] | None = None, *
             msg = "Encoder 'timm:' needs a model name after the colon, e.g. 'timm:resnet50'."
             raise MsfmInputError(msg)
         return _build_timm(model_name, weights=weights, **kwargs)
-    builder = _REGISTRY.get(key.lower())
-    if builder is None:
-        msg = f"Unknown encoder {name!r}. Available: {available_encoders()}."
-        raise MsfmInputError(msg)
+    builder = _REGISTRY.get(key)
     params = inspect.signature(builder).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))
@@ -337,31 +336,9 @@ def build_encoder(name: str, *, weights: str | os.PathLike[str] | None = None, *
 def _load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Load a state dict from a local file with ``weights_only=True``; unwraps ``state_dict``/``model`` and
     strips a DataParallel ``module.`` prefix."""
-    p = Path(path)
-    if not p.is_file():
-        msg = f"Encoder weights file {str(p)!r} does not exist. Pass the path of a local .pth/.pt state dict."
-        raise MsfmInputError(msg)
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated zip, non-torch files
-        msg = (
-            f"Cannot read encoder weights {str(p)!r} with torch.load(weights_only=True): {err}. Expected a plain "
-            "state dict saved with torch.save(model.state_dict(), path); msfm never unpickles arbitrary objects."
-        )
-        raise MsfmInputError(msg) from err
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping) or not obj:
-        msg = f"Encoder weights {str(p)!r} hold a {type(obj).__name__}, not a non-empty state dict (name -> tensor)."
-        raise MsfmInputError(msg)
-    state: dict[str, torch.Tensor] = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            msg = f"Encoder weights {str(p)!r}: entry {k!r} is a {type(v).__name__}, expected a tensor."
-            raise MsfmInputError(msg)
-        state[k.removeprefix("module.")] = v
-    return state
+    hint = "Pass a local state dict saved with torch.save(model.state_dict(), path)."
+    obj = load_torch_file(path, what="encoder weights file", hint=hint)
+    return unwrap_state_dict(obj, what=f"encoder weights file {str(path)!r}")
 
 
 def load_torchvision_resnet_state_dict(
@@ -571,7 +548,7 @@ def _build_timm(
             "from the same index as torch first (e.g. `pip install torchvision --index-url "
             "https://download.pytorch.org/whl/cu124`), otherwise pip may pull a torchvision built for another "
             "torch/CUDA and break the import. Encoders that need nothing extra: "
-            f"{sorted(_REGISTRY)}."
+            f"{_REGISTRY.names()}."
         )
         raise MsfmInputError(msg) from err
     if weights is None and not random_init:

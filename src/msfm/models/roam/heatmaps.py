@@ -154,7 +154,6 @@ def write_heatmaps(
     out, features = Path(out), Path(features)
     slide_dir = Path(slide_dir) if slide_dir is not None else None
 
-    from msfm.engine.io import atomic_dir, atomic_write_json, atomic_write_text, check_output_free
     from msfm.models.roam.interpret import (
         METHODS,
         roi_attention_maps,
@@ -171,6 +170,7 @@ def write_heatmaps(
         resolve_feature_files,
     )
     from msfm.pl.slides import roi_maps_figure
+    from msfm.runtime.atomic import atomic_dir, atomic_write_json, atomic_write_text, check_output_free
 
     if method not in METHODS:
         msg = f"--method {method!r} is not supported; use one of {', '.join(METHODS)}."

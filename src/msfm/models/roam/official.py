@@ -17,6 +17,7 @@ import torch
 from msfm.errors import CheckpointError
 from msfm.models.roam.config import RoamConfig
 from msfm.models.roam.model import Roam
+from msfm.runtime.safe_load import load_torch_file
 
 __all__ = [
     "config_from_official_state_dict",
@@ -192,14 +193,9 @@ def load_official_checkpoint(path: str | Path, **overrides: Any) -> Roam:
             pickled objects) or does not match the released layout.
     """
     p = Path(path)
-    if not p.is_file():
-        msg = f"Official ROAM checkpoint {p} does not exist; pass the path of a ROAM_split<k>.pth file."
-        raise CheckpointError(msg)
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle/zip errors come in many types
-        msg = f"Cannot read {p} as a tensor-only state dict ({type(err).__name__}: {err})."
-        raise CheckpointError(msg) from err
+    state = load_torch_file(
+        p, what="official ROAM checkpoint", hint="Pass the path of a ROAM_split<k>.pth file."
+    )
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):

@@ -50,6 +50,7 @@ import torch
 from msfm.data.slide_ids import check_slide_ids
 from msfm.data.slides import SLIDE_EXTENSIONS
 from msfm.errors import MsfmInputError
+from msfm.runtime.jsonable import to_jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ class FeatureStore:
                 config = json.loads(config)
             except json.JSONDecodeError:
                 pass
-        return {"name": self.encoder, "config": _plain(config), "feature_dim": self.feature_dim}
+        return {"name": self.encoder, "config": to_jsonable(config), "feature_dim": self.feature_dim}
 
     def preprocessing(self) -> dict[str, Any]:
         """The slide-processing parameters recorded in the feature files (mpp, ROI size, stain normalisation)."""
@@ -260,7 +261,7 @@ class FeatureStore:
             "encoder",
         )
         attrs = self.attrs or {}
-        out = {k: _plain(attrs[k]) for k in keys if attrs.get(k) is not None}
+        out = {k: to_jsonable(attrs[k]) for k in keys if attrs.get(k) is not None}
         config = attrs.get("preprocess_config")
         if isinstance(config, str):
             try:
@@ -268,7 +269,7 @@ class FeatureStore:
             except json.JSONDecodeError:
                 config = None
         if isinstance(config, dict) and config:
-            out["preprocess_config"] = _plain(config)
+            out["preprocess_config"] = to_jsonable(config)
         return out
 
 
@@ -278,21 +279,6 @@ def _attr_str(value: Any) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8")
     return str(value)
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe copy of an HDF5 attribute value."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,8 +348,8 @@ def load_ensemble(
         MsfmInputError: If a run is unfinished or the models disagree on classes or feature dimension.
         CheckpointError: If a checkpoint is damaged or not a ROAM checkpoint.
     """
-    from msfm.engine.checkpoint import is_checkpoint_dir
     from msfm.models.roam.checkpoint import load_model
+    from msfm.runtime.checkpoint import is_checkpoint_dir
 
     items = [source] if isinstance(source, str | os.PathLike) else list(source)
     dirs: list[Path] = []

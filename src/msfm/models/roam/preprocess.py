@@ -393,7 +393,7 @@ def render_qc(
 
 
 def _save_png(img: Any, path: Path) -> None:
-    from msfm.engine.io import atomic_write
+    from msfm.runtime.atomic import atomic_write
 
     with atomic_write(path, "wb") as fh:
         img.save(fh, format="PNG")
@@ -653,7 +653,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(config_json: str, threads: int) -> None:
-    from msfm.engine.device import resolve_device
+    from msfm.runtime.devices import resolve_device
 
     torch.set_num_threads(threads)
     config = PreprocessConfig.model_validate_json(config_json)
@@ -715,8 +715,8 @@ def preprocess_slides(
     from tqdm.auto import tqdm
 
     from msfm._version import __version__
-    from msfm.engine.device import resolve_device
-    from msfm.engine.io import atomic_write_json
+    from msfm.runtime.atomic import atomic_write_json
+    from msfm.runtime.devices import resolve_device
 
     config = config if config is not None else PreprocessConfig()
     shard_t = parse_shard(shard)
@@ -828,7 +828,7 @@ def _failed_row(slide_id: str, path: str, err: BaseException) -> dict[str, Any]:
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    from msfm.engine.io import atomic_write_text
+    from msfm.runtime.atomic import atomic_write_text
 
     atomic_write_text(path, df.to_csv(index=False))
 

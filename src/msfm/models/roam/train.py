@@ -53,8 +53,6 @@ from lightning.pytorch.callbacks import Callback
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from msfm.data.slide_ids import check_slide_id
-from msfm.engine.io import atomic_write_json, atomic_write_text
-from msfm.engine.io import read_config_file as _read_config_file
 from msfm.engine.objective import LossOutput
 from msfm.errors import MsfmInputError
 from msfm.models.roam.predict import (
@@ -67,6 +65,8 @@ from msfm.models.roam.predict import (
     read_table,
     resolve_feature_files,
 )
+from msfm.runtime.atomic import atomic_write_json, atomic_write_text
+from msfm.runtime.config import read_config_file as _read_config_file
 
 logger = logging.getLogger(__name__)
 
@@ -1083,7 +1083,7 @@ def _build_model(config: RoamTrainConfig, table: SlideTable, d_in: int, seed: in
     from msfm.models.roam.checkpoint import load_model
     from msfm.models.roam.config import RoamConfig
     from msfm.models.roam.model import Roam
-    from msfm.models.roam.presets import get_preset_config
+    from msfm.registry import preset_config
 
     fixed = {"d_in": d_in, "n_classes": len(table.class_names), "class_names": tuple(table.class_names)}
     clash = {k: v for k, v in config.model_overrides.items() if k in fixed and v != fixed[k]}
@@ -1092,7 +1092,7 @@ def _build_model(config: RoamTrainConfig, table: SlideTable, d_in: int, seed: in
         raise MsfmInputError(msg)
     torch.manual_seed(seed)
     if config.init_from is None:
-        return Roam(get_preset_config(config.model, **{**config.model_overrides, **fixed}))
+        return Roam(preset_config(config.model, family="roam", **{**config.model_overrides, **fixed}))
     base, _ = load_model(config.init_from)
     if base.config.d_in != d_in:
         msg = (

@@ -24,8 +24,6 @@ import torch
 from anndata import AnnData
 
 from msfm.data import CellSource, GeneMapping, GenePanel, prepare_cells
-from msfm.engine.device import autocast_context
-from msfm.engine.io import check_output_free
 from msfm.errors import MsfmInputError
 from msfm.models.scfoundation.inference import (
     LoadedModel,
@@ -34,6 +32,8 @@ from msfm.models.scfoundation.inference import (
     iter_batches,
     load_model,
 )
+from msfm.runtime.atomic import check_output_free
+from msfm.runtime.devices import autocast_context
 from msfm.tokenizers.gene_panel import ScFoundationTokenizer, TargetDepth
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def embed_file(
     ``uns["scfoundation"]`` (JSON) added on disk, so memory does not grow with the number of cells.
     """
     from msfm.data import read
-    from msfm.engine.io import write_h5ad_atomic
+    from msfm.runtime.h5ad import write_h5ad_atomic
 
     data = Path(data)
     out = Path(out)
@@ -246,7 +246,7 @@ def embed_file(
         write_h5ad_atomic(adata, out, overwrite_input_guard=[data])
         return out
 
-    from msfm.engine.h5ad_stream import H5adResultWriter
+    from msfm.runtime.h5ad_stream import H5adResultWriter
 
     adata = read(data, backed=True)
     try:
@@ -542,8 +542,8 @@ def convert(
     overwrite: bool = False,
 ) -> Path:
     """Convert an official scFoundation ``models.ckpt`` (one variant) into an msfm checkpoint directory."""
-    from msfm.engine.checkpoint import save_checkpoint
     from msfm.models.scfoundation.official import load_official_checkpoint
+    from msfm.runtime.checkpoint import save_checkpoint
 
     out = Path(out)
     check_output_free(out, overwrite=overwrite)
@@ -665,9 +665,9 @@ def embed_distributed(
     Returns:
         ``out`` on global rank 0, ``None`` on the other ranks.
     """
-    from msfm.engine.h5ad_stream import H5adResultWriter
     from msfm.engine.predict import distributed_predict
     from msfm.engine.trainer import TrainerOptions
+    from msfm.runtime.h5ad_stream import H5adResultWriter
 
     data, out = Path(data), Path(out)
     if data.suffix != ".h5ad":

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from msfm.data import CellSource, GeneMapping, GenePanel
-from msfm.engine.checkpoint import load_checkpoint
-from msfm.engine.device import autocast_context, resolve_device
+from msfm.data.samplers import length_buckets
 from msfm.models.scfoundation.config import ScFoundationConfig
 from msfm.models.scfoundation.model import ScFoundation
+from msfm.runtime.checkpoint import load_checkpoint
+from msfm.runtime.devices import autocast_context, resolve_device
 from msfm.tokenizers.gene_panel import ScFoundationTokenizer, TargetDepth
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def iter_batches(
         enc = tokenizer.encode(panel, target, pre_normalized=pre_normalized)
         lengths = np.asarray(enc.lengths)
         order = np.argsort(lengths, kind="stable")
-        for group in _bucket(order, lengths, batch_size=batch_size, max_tokens=max_tokens):
+        for group in length_buckets(order, lengths, batch_size=batch_size, max_tokens=max_tokens):
             tensors = tokenizer.collate(enc, group)
             if with_full_values:
                 tensors["full_values"] = tokenizer.full_values(enc, group)
@@ -116,21 +117,6 @@ def iter_batches(
                 zero_count=np.asarray(enc.zero_count)[group],
                 panel_counts=panel[group],
             )
-
-
-def _bucket(
-    order: np.ndarray, lengths: np.ndarray, *, batch_size: int, max_tokens: int | None
-) -> Iterator[np.ndarray]:
-    i = 0
-    n = len(order)
-    while i < n:
-        j = min(i + batch_size, n)
-        if max_tokens is not None:
-            # Sorted ascending, so the last cell of the window is the longest: shrink until it fits.
-            while j - i > 1 and (j - i) * int(lengths[order[j - 1]]) > max_tokens:
-                j -= 1
-        yield order[i:j]
-        i = j
 
 
 @torch.inference_mode()

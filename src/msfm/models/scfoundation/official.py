@@ -15,7 +15,6 @@ scripts use for gene embeddings and expression.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -28,6 +27,7 @@ from msfm.errors import CheckpointError, MsfmInputError
 from msfm.models.scfoundation.config import ScFoundationConfig
 from msfm.models.scfoundation.model import ScFoundation
 from msfm.nn.state_dict import check_layout, rename_keys, strip_prefix
+from msfm.runtime.safe_load import load_torch_file
 
 __all__ = [
     "OFFICIAL_PREFIX",
@@ -259,17 +259,9 @@ def load_official_checkpoint(
         msg = f"unknown scFoundation variant {variant!r}; expected one of {list(VARIANTS)} (or None for a single-model file)."
         raise MsfmInputError(msg)
     file = Path(path)
-    if not file.is_file():
-        msg = f"official scFoundation checkpoint {str(file)!r} does not exist or is not a file; pass the path of models.ckpt."
-        raise CheckpointError(msg)
-    try:
-        content = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        msg = (
-            f"cannot read {str(file)!r} as a tensor-only torch checkpoint ({type(err).__name__}: {err}). "
-            f"Expected the official scFoundation models.ckpt."
-        )
-        raise CheckpointError(msg) from err
+    content = load_torch_file(
+        file, what="official scFoundation checkpoint", hint="Pass the path of the released models.ckpt."
+    )
     if not isinstance(content, Mapping):
         msg = f"{str(file)!r} holds a {type(content).__name__}, expected a dict of variants {list(VARIANTS)}."
         raise CheckpointError(msg)

@@ -20,8 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from msfm.data import GenePanel
 from msfm.data.stream import PanelRowStream
-from msfm.engine.checkpoint import load_checkpoint, save_checkpoint
-from msfm.engine.io import read_config_file
 from msfm.engine.module import MsfmLightningModule, OptimConfig
 from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit, resume_step
 from msfm.errors import MsfmInputError
@@ -35,7 +33,9 @@ from msfm.models.scfoundation.finetune import (
 from msfm.models.scfoundation.inference import load_model
 from msfm.models.scfoundation.model import ScFoundation
 from msfm.models.scfoundation.objective import PretrainCollator, PretrainConfig, pretrain_loss
-from msfm.models.scfoundation.presets import get_preset_config
+from msfm.registry import preset_config
+from msfm.runtime.checkpoint import load_checkpoint, save_checkpoint
+from msfm.runtime.config import read_config_file
 from msfm.tokenizers.gene_panel import ScFoundationTokenizer
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class PretrainRunConfig(BaseModel):
         return PretrainRunConfig.model_validate(data)
 
     def model_config_resolved(self) -> ScFoundationConfig:
-        base = get_preset_config(self.preset)
+        base = preset_config(self.preset, family="scfoundation")
         return base.model_copy(update=self.model_overrides) if self.model_overrides else base
 
 
@@ -262,9 +262,9 @@ class PretrainBatchStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         import scipy.sparse as sp
 
-        from msfm.data.stream import _dist_rank_world
+        from msfm.runtime.devices import rank_world
 
-        rank, _world = _dist_rank_world()
+        rank, _world = rank_world()
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shard = rank * n_workers + worker
@@ -433,8 +433,8 @@ def predict_cell_types(
     **gene_kwargs: Any,
 ) -> None:
     """Write ``obs[key_added]`` (labels), ``obs[key_added + '_confidence']`` and ``obsm[key_added + '_proba']``."""
-    from msfm.engine.device import resolve_device
     from msfm.models.scfoundation.inference import LoadedModel
+    from msfm.runtime.devices import resolve_device
 
     ckpt = load_checkpoint(classifier, family="scfoundation-classifier")
     cfg = ckpt.config

@@ -46,18 +46,19 @@ from torch import Tensor, nn
 
 from msfm.data import CellSource, GeneMapping, GenePanel, prepare_cells
 from msfm.data.normalize import normalized_rows
-from msfm.engine.io import check_output_free
+from msfm.data.samplers import length_buckets
 from msfm.errors import MsfmInputError
 from msfm.models.scmulan.decoding import DecodeOptions, GenerationResult, RepeatMask, generate_tokens, id_mask
 from msfm.models.scmulan.inference import (
     LoadedScMulan,
-    bucket,
     iter_prompt_batches,
     load_model,
     preprocessing_record,
     save_model,
 )
 from msfm.models.scmulan.model import ScMulan, ScMulanOutput
+from msfm.runtime.atomic import check_output_free
+from msfm.runtime.jsonable import to_uns
 from msfm.tokenizers.cell_sentence import (
     ANNOTATE,
     GENERATE,
@@ -166,26 +167,6 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="cell", disable=not enabled, leave=False)
 
 
-def _h5ad_safe(value: Any) -> Any:
-    """uns values h5ad can store: no None, no tuples/sets, plain Python scalars."""
-    if value is None:
-        return ""
-    if isinstance(value, Mapping):
-        return {str(k): _h5ad_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | range | set | frozenset):
-        items = [_h5ad_safe(v) for v in value]
-        if all(isinstance(v, str) for v in items):
-            return [str(v) for v in items]
-        if all(isinstance(v, int | float | bool | np.number) for v in items):
-            return items
-        return {str(i): v for i, v in enumerate(items)}
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, str | int | float | bool):
-        return value
-    return str(value)
-
-
 def _provenance(loaded: LoadedScMulan) -> dict[str, Any]:
     extra = loaded.meta.get("extra", {}) or {}
     return {
@@ -208,7 +189,7 @@ def _record(
     out: dict[str, Any] = {"params": dict(params), "checkpoint": _provenance(loaded)}
     if kind is not None:
         out["input"] = {"kind": kind}
-    rec = _h5ad_safe(out)
+    rec = to_uns(out)
     if mapping is not None:
         rec["gene_mapping"] = mapping.to_uns()
     return rec
@@ -974,7 +955,7 @@ def smooth_labels(
             adata,
             key,
             "smooth_labels",
-            _h5ad_safe(
+            to_uns(
                 {
                     "n_neighbors": k,
                     "threshold": float(threshold),
@@ -1123,7 +1104,8 @@ def _generate_sentences(
     device = loaded.device
     lengths = prompts.lengths()
     with _progress(n, desc, progress) as bar:
-        for group in bucket(lengths, batch_size=batch_size, max_tokens=max_tokens):
+        order = np.argsort(lengths, kind="stable")
+        for group in length_buckets(order, lengths, batch_size=batch_size, max_tokens=max_tokens):
             ids, levels, mask = tokenizer.left_pad(prompts, group)
             if options.greedy:
                 model: Any = loaded.model

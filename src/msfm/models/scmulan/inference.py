@@ -21,11 +21,12 @@ import torch
 
 from msfm.data import CellSource, GeneMapping
 from msfm.data.normalize import normalized_rows
-from msfm.engine.checkpoint import load_checkpoint, save_checkpoint
-from msfm.engine.device import resolve_device
+from msfm.data.samplers import length_buckets
 from msfm.errors import CheckpointError
 from msfm.models.scmulan.config import ScMulanConfig
 from msfm.models.scmulan.model import ScMulan
+from msfm.runtime.checkpoint import load_checkpoint, save_checkpoint
+from msfm.runtime.devices import resolve_device
 from msfm.tokenizers.cell_sentence import CellSentenceTokenizer, CellSentenceVocab, Sentences
 
 logger = logging.getLogger(__name__)
@@ -141,19 +142,6 @@ class SentenceBatch:
     n_genes: np.ndarray  # [b] expressed vocabulary genes per cell
 
 
-def bucket(lengths: np.ndarray, *, batch_size: int, max_tokens: int | None) -> Iterator[np.ndarray]:
-    """Indices sorted by length in groups of at most ``batch_size`` (and ``max_tokens`` padded words)."""
-    order = np.argsort(lengths, kind="stable")
-    i, n = 0, len(order)
-    while i < n:
-        j = min(i + batch_size, n)
-        if max_tokens is not None:
-            while j - i > 1 and (j - i) * int(lengths[order[j - 1]]) > max_tokens:
-                j -= 1
-        yield order[i:j]
-        i = j
-
-
 def iter_prompt_batches(
     source: CellSource,
     mapping: GeneMapping,
@@ -181,7 +169,8 @@ def iter_prompt_batches(
         chunk_meta = None if meta is None else [meta[int(r)] for r in obs_idx]
         prompts: Sentences = tokenizer.prompts(genes, meta=chunk_meta, task=task)
         lengths = prompts.lengths()
-        for group in bucket(lengths, batch_size=batch_size, max_tokens=max_tokens):
+        order = np.argsort(lengths, kind="stable")
+        for group in length_buckets(order, lengths, batch_size=batch_size, max_tokens=max_tokens):
             ids, levels, mask = tokenizer.left_pad(prompts, group)
             yield SentenceBatch(
                 rows=obs_idx[group],

@@ -18,10 +18,11 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from msfm.errors import CheckpointError, MsfmInputError
+from msfm.errors import CheckpointError
 from msfm.models.scmulan.config import ScMulanConfig
 from msfm.models.scmulan.model import ScMulan
 from msfm.nn.state_dict import check_layout, rename_keys, strip_prefix
+from msfm.runtime.safe_load import load_torch_file
 
 __all__ = [
     "config_from_official",
@@ -171,20 +172,9 @@ def load_official_checkpoint(path: str | os.PathLike[str]) -> tuple[ScMulanConfi
         CheckpointError: if it cannot be read safely or does not hold an scMulan model.
     """
     file = Path(path)
-    if not file.is_file():
-        msg = f"official scMulan checkpoint {str(file)!r} does not exist; pass the path of ckpt_scMulan.pt."
-        raise MsfmInputError(msg)
-    try:
-        content = torch.load(file, map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on the damage
-        msg = (
-            f"could not read {str(file)!r} as a weights-only torch checkpoint ({type(err).__name__}: {err}). "
-            f"msfm never unpickles arbitrary objects; re-save the file as a plain dict of tensors if it holds "
-            f"custom classes."
-        )
-        raise CheckpointError(msg) from err
+    content = load_torch_file(
+        file, what="official scMulan checkpoint", hint="Pass the path of the released ckpt_scMulan.pt."
+    )
     if not isinstance(content, Mapping) or "model" not in content or "model_args" not in content:
         found = sorted(content) if isinstance(content, Mapping) else type(content).__name__
         msg = (

@@ -37,7 +37,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from msfm.data import CellSource, GeneMapping, GenePanel, harmonize_genes
 from msfm.data.normalize import normalized_rows
-from msfm.engine.io import read_config_file
 from msfm.engine.module import MsfmLightningModule, OptimConfig
 from msfm.engine.sampler import BatchStream
 from msfm.engine.trainer import (
@@ -61,7 +60,8 @@ from msfm.models.scmulan.objective import (
     collate_examples,
     scmulan_loss,
 )
-from msfm.models.scmulan.presets import get_preset_config
+from msfm.registry import preset_config
+from msfm.runtime.config import read_config_file
 from msfm.tokenizers.cell_sentence import END, CellSentenceVocab, _is_task_token
 
 logger = logging.getLogger(__name__)
@@ -930,7 +930,7 @@ def _build_model(
             len(vocab),
         )
     overrides["vocab_size"] = len(vocab)
-    cfg = get_preset_config(config.preset, **overrides)
+    cfg = preset_config(config.preset, family="scmulan", **overrides)
     torch.manual_seed(config.seed)
     return ScMulan(cfg), cfg
 

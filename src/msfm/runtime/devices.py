@@ -1,16 +1,17 @@
-"""Device and mixed-precision selection for single-process inference.
+"""Devices, device lists, process ranks and mixed precision: one spelling of each for every family.
 
-Training goes through Lightning (``msfm.engine.trainer``), which picks devices itself; these helpers serve the
-plain-torch inference paths (``embed``, ``generate``) so that both accept the same device strings.
+Inference resolves a device string (``"auto"``, ``"cpu"``, ``"cuda:1"``) with :func:`resolve_device`; training
+passes a device list (``"auto"``, ``2``, ``"0,1"``, ``-1`` for all) to Lightning after :func:`parse_devices`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -33,7 +34,14 @@ _PRECISION_ALIASES: dict[str, Precision] = {
 }
 _DEVICE_RE = re.compile(r"^(cpu|cuda|mps)(?::(\d+))?$")
 
-__all__ = ["Precision", "autocast_context", "normalize_precision", "resolve_device"]
+__all__ = [
+    "Precision",
+    "autocast_context",
+    "normalize_precision",
+    "parse_devices",
+    "rank_world",
+    "resolve_device",
+]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -134,3 +142,41 @@ def autocast_context(device: str | torch.device, precision: str = "32") -> Itera
     dtype = torch.bfloat16 if prec == "bf16" else torch.float16
     with torch.autocast(device_type=dev.type, dtype=dtype):
         yield
+
+
+def parse_devices(value: Any) -> Literal["auto"] | int | list[int]:
+    """A Lightning device list from a user value: ``"auto"``, a count (``-1`` = all) or indices.
+
+    Accepts ints, lists of ints and strings such as ``"auto"``, ``"2"``, ``"-1"`` or ``"0,1"``.
+
+    Raises:
+        MsfmInputError: anything else (the message shows the accepted forms).
+    """
+    if isinstance(value, bool):
+        value = str(value)
+    if value is None or value == "auto":
+        return "auto"
+    if isinstance(value, int):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [int(v) for v in value]
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "," in text:
+                return [int(v) for v in text.split(",") if v.strip()]
+            return int(text)
+        except ValueError:
+            pass
+    msg = f"devices={value!r}: expected 'auto', a count (e.g. 2, -1 for all) or device indices (e.g. '0,1')."
+    raise MsfmInputError(msg)
+
+
+def rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: from the process group, else from the launcher's environment."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    # Lightning and torchrun set these before the process group exists (e.g. while building dataloaders).
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -10,13 +10,8 @@ import torch
 from pydantic import BaseModel
 
 from msfm._version import CHECKPOINT_SCHEMA_VERSION, __version__
-from msfm.engine.checkpoint import (
-    gene_panel_sha256,
-    is_checkpoint_dir,
-    load_checkpoint,
-    save_checkpoint,
-)
 from msfm.errors import CheckpointError, MsfmInputError
+from msfm.runtime.checkpoint import gene_panel_sha256, is_checkpoint_dir, load_checkpoint, save_checkpoint
 
 
 class TinyConfig(BaseModel):

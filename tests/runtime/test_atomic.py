@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from msfm.engine.io import (
+from msfm.errors import MsfmInputError
+from msfm.runtime.atomic import (
     atomic_dir,
     atomic_write,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    write_h5ad_atomic,
-    write_safetensors_atomic,
 )
-from msfm.errors import MsfmInputError
+from msfm.runtime.h5ad import write_h5ad_atomic
+from msfm.runtime.safetensors import write_safetensors_atomic
 
 
 def _debris(folder: Path) -> list[str]:
@@ -151,8 +151,8 @@ def test_write_safetensors_atomic_handles_aliases_and_views(tmp_path: Path) -> N
 
 
 def test_read_config_file_formats_and_errors(tmp_path) -> None:
-    from msfm.engine.io import read_config_file
     from msfm.errors import MsfmInputError
+    from msfm.runtime.config import read_config_file
 
     (tmp_path / "a.yaml").write_text("lr: 0.1\nsteps: 3\n")
     (tmp_path / "a.json").write_text('{"lr": 0.1}')

@@ -8,7 +8,7 @@ Layout (see ``docs/architecture.md``)::
       meta.json           # msfm/schema version, family, created, gene panel, preprocessing, extra
       genes.txt           # gene panel, one symbol a line (only when the family has a panel)
 
-Checkpoints are written with :func:`msfm.engine.io.atomic_dir` and never contain pickles, so loading one runs no
+Checkpoints are written with :func:`msfm.runtime.atomic.atomic_dir` and never contain pickles, so loading one runs no
 code from the file.
 """
 
@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from msfm._version import CHECKPOINT_SCHEMA_VERSION, __version__
-from msfm.engine.io import atomic_dir, atomic_write_json, atomic_write_text, write_safetensors_atomic
 from msfm.errors import CheckpointError, MsfmInputError
+from msfm.runtime.atomic import atomic_dir, atomic_write_json, atomic_write_text
+from msfm.runtime.safetensors import write_safetensors_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msfm.engine.device import autocast_context, normalize_precision, resolve_device
 from msfm.errors import MsfmInputError
+from msfm.runtime.devices import autocast_context, normalize_precision, resolve_device
 
 
 def test_cpu_and_auto() -> None:
