@@ -19,11 +19,12 @@ def test_quick_demo_writes_report(tmp_path):
         assert section in text
     for fig in ("umap_by_label.png", "clustering.png", "enhancement.png"):
         assert (tmp_path / "figures" / fig).stat().st_size > 10_000
-    clus = metrics["clustering"]
+    sf = metrics["scfoundation"]
+    clus = sf["clustering"]
     assert set(clus) == {"PCA (50 PCs)", "scFoundation-tiny"}
     assert all(0 <= v["nmi"] <= 1 for v in clus.values())
     assert clus["PCA (50 PCs)"]["ari"] > 0.2  # the real labels are recoverable from real counts
-    assert metrics["n_cells"] == 700
+    assert sf["n_cells"] == 700
     # scMulan part
     assert "## scMulan" in text
     sm = metrics["scmulan"]

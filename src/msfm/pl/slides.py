@@ -245,7 +245,7 @@ def roi_maps_figure(
     Shape:
         roi_image: ``[h, w, 3]`` uint8; maps: ``{"20x": [8, 8], "10x": [4, 4], "5x": [2, 2]}``; fused: ``[h, w]``.
     """
-    from msfm.models.roam.interpret import resize_map
+    from msfm.pl.maps import resize_map
 
     img = np.asarray(roi_image)
     size = img.shape[:2]

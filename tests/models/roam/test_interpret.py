@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from msfm.errors import MsfmInputError
 from msfm.models.roam.config import RoamConfig
 from msfm.models.roam.interpret import (
-    resize_map,
     roi_attention_maps,
     roi_heatmap,
     roi_image,
@@ -24,6 +23,7 @@ from msfm.models.roam.interpret import (
 )
 from msfm.models.roam.model import Roam
 from msfm.models.roam.official import load_official_checkpoint
+from msfm.pl.maps import resize_map
 
 FIX = Path(__file__).parents[2] / "fixtures" / "roam"
 SCALES = {"20x": ("20", 8), "10x": ("10", 4), "5x": ("5", 2)}

@@ -38,12 +38,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from msfm.errors import MsfmInputError
 from msfm.models.roam.config import SCALES, TOKENS_PER_ROI
 from msfm.models.roam.model import Roam
+from msfm.pl.maps import map_size, resize_map
 
 __all__ = [
     "METHODS",
@@ -203,28 +203,6 @@ def roi_attention_maps(
     return maps
 
 
-def _size2(size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(size, int | np.integer):
-        size = (int(size), int(size))
-    h, w = (int(v) for v in size)
-    if h < 1 or w < 1:
-        msg = f"size must be positive (height, width); got {size}."
-        raise MsfmInputError(msg)
-    return h, w
-
-
-def resize_map(m: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a small map to ``size`` (``align_corners=False``, i.e. pixel centres, like
-    ``cv2.resize(..., INTER_LINEAR)`` which the release uses for upsampling).
-
-    Shape:
-        m: ``[h, w]`` -> ``[H, W]`` float32 with ``size = H`` or ``(H, W)``.
-    """
-    h, w = _size2(size)
-    t = torch.as_tensor(np.asarray(m, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
-
-
 def _scale_weights(weights: Mapping[str, float] | Sequence[float] | None) -> dict[str, float]:
     if weights is None:
         return {s: 1.0 / 3.0 for s in SCALE_GRIDS}
@@ -269,7 +247,7 @@ def roi_heatmap(
         msg = "roi_heatmap got no maps; pass the dict returned by roi_attention_maps."
         raise MsfmInputError(msg)
     w = _scale_weights(weights)
-    h, wd = _size2(roi_size)
+    h, wd = map_size(roi_size)
     out = np.zeros((h, wd), dtype=np.float32)
     for scale, m in maps.items():
         if scale not in SCALE_GRIDS:

@@ -85,7 +85,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / den) if den > 0 else float("nan")
 
 
-def run_scmulan_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the scMulan part; returns its metrics (figures go to ``out/figures``)."""
     import msfm
     from msfm.data import CellSource

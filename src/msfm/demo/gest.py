@@ -28,7 +28,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["report_section", "run_gest_demo"]
+__all__ = ["report_section", "run"]
 
 
 def _opts(steps: int, seed: int) -> Any:
@@ -54,7 +54,7 @@ def _markers(
     return [genes[i] for i in order[::-1][:n]], [genes[i] for i in order[:n]]
 
 
-def run_gest_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the GeST demo into ``out/gest`` and return its metrics (also in ``out/gest/metrics.json``)."""
     from msfm.data.spatial import spatial_coords
     from msfm.datasets.spatial import scc_st, semi_real_tissue
@@ -328,7 +328,7 @@ def _main() -> None:  # pragma: no cover - manual runs
     import sys
 
     logging.basicConfig(level=logging.WARNING)
-    m = run_gest_demo(sys.argv[1] if len(sys.argv) > 1 else "demo_out", quick="--quick" in sys.argv)
+    m = run(sys.argv[1] if len(sys.argv) > 1 else "demo_out", quick="--quick" in sys.argv)
     print(report_section(m))  # noqa: T201
 
 

@@ -1,26 +1,10 @@
-"""``make demo``: the main job, end to end on bundled real data, on CPU, in minutes.
-
-scFoundation part, on scanpy's bundled 700 real PBMCs (raw counts recovered exactly, 10 labels):
+"""scFoundation part of ``make demo``, on scanpy's bundled 700 real PBMCs (raw counts recovered exactly, 10 labels):
 
 1. pretrain the tiny preset from scratch with the read-depth-aware objective (labels unused);
 2. embed every cell, cluster (Leiden tuned to the number of labels) and score ARI/NMI against the labels,
    beside a PCA baseline (log1p CP10k, 50 PCs) computed in the same run; UMAPs by label;
 3. read-depth enhancement: every cell binomially downsampled to 20 % of its counts; cluster the raw
    downsampled data (PCA) vs the model's enhanced expression (T = original depth) vs the embeddings.
-
-scMulan part (:mod:`msfm.demo_scmulan`): train the tiny scMulan on 70 % of the same cells, annotate the rest
-beside a logistic-regression baseline, generate cells from label prompts and score their fidelity, and run an
-in-silico perturbation.
-
-ROAM part (:mod:`msfm.demo_roam`): build a small cohort of pyramid TIFF slides from the two bundled real H&E
-images (labels synthetic: source image and stain change), preprocess them into multi-scale ROI features, train
-two tasks with cross-validation, chain them as a cascade, and draw slide- and ROI-level heatmaps.
-
-GeST part (:mod:`msfm.demo_gest`): on 621 real spatial spots, train GeST with held-out windows, generate them
-beside kNN-mean/MLP/GP baselines, cluster niche embeddings, run an in-silico perturbation; then recover the
-domains of a semi-real tissue (real PBMC profiles in a synthetic arrangement) from niche embeddings.
-
-Everything is written to ``OUT/report.md`` with PNG figures and ``OUT/metrics.json``.
 """
 
 from __future__ import annotations
@@ -80,15 +64,14 @@ def _thin(counts: sp.csr_matrix, rate: float, seed: int) -> sp.csr_matrix:
     return out
 
 
-def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> Path:
-    """Run the demo and return the path of the Markdown report."""
+def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Run the scFoundation part; figures go to ``OUT/figures``; returns its metrics."""
     import anndata as ad
 
     import msfm
     from msfm.models.scfoundation.api import embed, enhance
     from msfm.models.scfoundation.train import PretrainRunConfig, pretrain
     from msfm.pl import embedding_panels, metric_bars, training_curve
-    from msfm.runtime.atomic import atomic_write_json, atomic_write_text
 
     out = Path(out)
     fig_dir = out / "figures"
@@ -185,25 +168,8 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> Path:
     if curve is not None:
         training_curve(*curve, title="Pretraining loss (masked MSE)", save=fig_dir / "pretrain_loss.png")
 
-    # scMulan ---------------------------------------------------------------------------------------------------
-    from msfm.demo_scmulan import report_section, run_scmulan_demo
-
-    scmulan_metrics = run_scmulan_demo(out, quick=quick, seed=seed)
-
-    # ROAM ------------------------------------------------------------------------------------------------------
-    from msfm.demo_roam import report_section as roam_section
-    from msfm.demo_roam import run_roam_demo
-
-    roam_metrics = run_roam_demo(out, quick=quick, seed=seed)
-
-    # GeST ------------------------------------------------------------------------------------------------------
-    from msfm.demo_gest import report_section as gest_section
-    from msfm.demo_gest import run_gest_demo
-
-    gest_metrics = run_gest_demo(out, quick=quick, seed=seed)
-
     timings["total_s"] = time.perf_counter() - t_start
-    metrics: dict[str, Any] = {
+    return {
         "dataset": adata.uns.get("dataset", {}).get("name", "pbmc68k"),
         "n_cells": int(adata.n_obs),
         "n_labels": n_labels,
@@ -213,23 +179,8 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> Path:
         "enhancement_fidelity": fidelity,
         "gene_mapping": adata.uns["scfoundation"]["gene_mapping"],
         "timings": timings,
-        "scmulan": scmulan_metrics,
-        "roam": roam_metrics,
-        "gest": gest_metrics,
+        "has_curve": curve is not None,
     }
-    atomic_write_json(out / "metrics.json", metrics)
-    report = out / "report.md"
-    atomic_write_text(
-        report,
-        _report_md(metrics, curve is not None)
-        + "\n"
-        + report_section(scmulan_metrics)
-        + "\n"
-        + roam_section(roam_metrics)
-        + "\n"
-        + gest_section(gest_metrics),
-    )
-    return report
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:
@@ -284,13 +235,13 @@ def _table(rows: dict[str, dict[str, float]], cols: tuple[str, ...] = ("ari", "n
     )
 
 
-def _report_md(m: dict[str, Any], has_curve: bool) -> str:
+def report_section(m: dict[str, Any]) -> str:
+    """The scFoundation section of the report."""
+    has_curve = bool(m.get("has_curve"))
     gm = m["gene_mapping"]
     fid = m["enhancement_fidelity"]
     t = m["timings"]
     lines = [
-        "# msfm demo report",
-        "",
         f"Data: scanpy's bundled PBMC file ({m['n_cells']} real cells, {m['n_labels']} labels, raw counts recovered "
         "exactly; see `msfm.datasets.pbmc68k`). Everything below was computed in this run on CPU.",
         "",

@@ -28,7 +28,7 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["report_section", "run_roam_demo"]
+__all__ = ["report_section", "run"]
 
 
 def _train(table: Path, features: Path, run: Path, task: str, *, quick: bool, seed: int) -> Any:
@@ -51,7 +51,7 @@ def _train(table: Path, features: Path, run: Path, task: str, *, quick: bool, se
     return train(table, features, run, config, overwrite=True)
 
 
-def run_roam_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the ROAM demo into ``out/roam`` and return its metrics (also written to ``out/roam/metrics.json``)."""
     from msfm.datasets.histology import build_cohort
     from msfm.models.roam.heatmaps import write_heatmaps
@@ -233,7 +233,7 @@ def _main() -> None:  # pragma: no cover - manual runs
     import sys
 
     logging.basicConfig(level=logging.INFO)
-    m = run_roam_demo(sys.argv[1] if len(sys.argv) > 1 else "demo_out", quick="--quick" in sys.argv)
+    m = run(sys.argv[1] if len(sys.argv) > 1 else "demo_out", quick="--quick" in sys.argv)
     print(report_section(m))  # noqa: T201
     pd.set_option("display.width", 200)
 

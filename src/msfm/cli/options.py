@@ -1,0 +1,237 @@
+"""The options every ``msfm <family> <verb>`` shares, declared once.
+
+Single options are ``Annotated`` aliases (``checkpoint: Checkpoint``). The two groups that every reading or
+training verb takes are decorators that add their options to a command and hand them over as one mapping:
+
+* :func:`read_options` adds the reading options of :class:`msfm.data.CellReadOptions` (or
+  :class:`msfm.data.SpatialReadOptions`) and passes ``read={...}``, ready for ``**read`` in the API call;
+* :func:`trainer_options` adds the training options and passes ``overrides={...}`` (unset options left out, so a
+  ``--config`` file's values stand), ready for ``train(..., config=..., **overrides)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import typer
+
+__all__ = [
+    "BatchSize",
+    "Checkpoint",
+    "Config",
+    "Device",
+    "InitCheckpoint",
+    "KeyAdded",
+    "Out",
+    "OutDir",
+    "Overwrite",
+    "Precision",
+    "Preset",
+    "Quiet",
+    "Seed",
+    "read_options",
+    "trainer_options",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+Checkpoint = Annotated[
+    Path, typer.Option("--checkpoint", "-c", help="msfm checkpoint directory (convert or train writes one).")
+]
+InitCheckpoint = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint", "-c", help="Start from this msfm checkpoint (fine-tuning) instead of a preset."
+    ),
+]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output file (.h5ad unless said otherwise).")]
+OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder (a run folder resumes).")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")]
+Precision = Annotated[str, typer.Option(help="32 | bf16 | 16 (autocast).")]
+BatchSize = Annotated[int, typer.Option(help="Items per forward pass.")]
+KeyAdded = Annotated[
+    str, typer.Option(help="Prefix of what is added: obsm['X_<key>'], obs['<key>_<field>'], uns['<key>'].")
+]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+Preset = Annotated[
+    str | None, typer.Option(help="Model preset of a new model (msfm.registry.list_models()).")
+]
+Config = Annotated[
+    Path | None, typer.Option("--config", help="YAML/JSON settings file; options given here take precedence.")
+]
+
+
+def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+_CELL_OPTIONS = (
+    _option(
+        "layer",
+        Annotated[
+            str | None, typer.Option(help="Matrix to read (default: layers['counts'], else integer X).")
+        ],
+        None,
+    ),
+    _option(
+        "pre_normalized",
+        Annotated[
+            bool,
+            typer.Option(
+                "--pre-normalized", help="Input is already log1p-normalised (used as it is; warns)."
+            ),
+        ],
+        False,
+    ),
+    _option(
+        "gene_column",
+        Annotated[str | None, typer.Option(help="var column with symbols or Ensembl IDs.")],
+        None,
+    ),
+    _option(
+        "species", Annotated[str, typer.Option(help="human | mouse (mouse genes via orthologs).")], "human"
+    ),
+    _option(
+        "no_aliases",
+        Annotated[bool, typer.Option("--no-aliases", help="Do not map previous/alias symbols.")],
+        False,
+    ),
+)
+_SPATIAL_OPTIONS = (
+    _option("spatial_key", Annotated[str, typer.Option(help="obsm key of the coordinates.")], "spatial"),
+    _option(
+        "scale",
+        Annotated[
+            float | None,
+            typer.Option(
+                help="µm per coordinate unit (default: uns['msfm_spatial']['um_per_unit'], else 1)."
+            ),
+        ],
+        None,
+    ),
+    _option(
+        "section_key",
+        Annotated[str | None, typer.Option(help="obs column naming each cell's section.")],
+        None,
+    ),
+    _option(
+        "duplicates",
+        Annotated[str, typer.Option(help="Cells at identical coordinates: error | keep | jitter.")],
+        "error",
+    ),
+)
+
+_TRAINER_OPTIONS = {
+    "max_steps": _option("max_steps", Annotated[int | None, typer.Option(help="Optimiser steps.")], None),
+    "max_epochs": _option("max_epochs", Annotated[int | None, typer.Option(help="Epochs.")], None),
+    "batch_size": _option(
+        "batch_size", Annotated[int | None, typer.Option(help="Examples per device per micro-step.")], None
+    ),
+    "lr": _option("lr", Annotated[float | None, typer.Option(help="Peak learning rate.")], None),
+    "accelerator": _option(
+        "accelerator", Annotated[str | None, typer.Option(help="auto | cpu | gpu | mps")], None
+    ),
+    "devices": _option(
+        "devices", Annotated[str | None, typer.Option(help="auto | N (-1: all) | 0,1 (indices)")], None
+    ),
+    "strategy": _option("strategy", Annotated[str | None, typer.Option(help="auto | ddp | fsdp")], None),
+    "num_nodes": _option("num_nodes", Annotated[int | None, typer.Option(help="Machines.")], None),
+    "precision": _option(
+        "precision", Annotated[str | None, typer.Option(help="32-true | bf16-mixed | 16-mixed")], None
+    ),
+    "accumulate": _option(
+        "accumulate", Annotated[int | None, typer.Option(help="Gradient accumulation steps.")], None
+    ),
+    "num_workers": _option(
+        "num_workers", Annotated[int | None, typer.Option(help="DataLoader workers.")], None
+    ),
+    "seed": _option("seed", Annotated[int | None, typer.Option(help="Seed of everything random.")], None),
+    "checkpoint_every_n_steps": _option(
+        "checkpoint_every_n_steps",
+        Annotated[
+            int | None,
+            typer.Option(
+                "--checkpoint-every", help="Save the resume state and model/ every N optimiser steps."
+            ),
+        ],
+        None,
+    ),
+}
+
+
+def _extend(
+    fn: Callable[..., Any], extra: Iterable[inspect.Parameter], collect: str
+) -> tuple[Any, list[str]]:
+    """The signature of ``fn`` without its ``collect`` parameter, plus ``extra`` options (before ``--quiet``)."""
+    sig = inspect.signature(fn, eval_str=True)
+    if collect not in sig.parameters:
+        msg = f"{fn.__name__} must take a '{collect}' parameter to receive the shared options."
+        raise TypeError(msg)
+    own = [p for p in sig.parameters.values() if p.name != collect]
+    extra = list(extra)
+    names = [p.name for p in extra]
+    clash = sorted(set(names) & {p.name for p in own})
+    if clash:
+        msg = f"{fn.__name__} declares {clash} itself; they come from the shared options."
+        raise TypeError(msg)
+    tail = [p for p in own if p.name in ("overwrite", "quiet")]
+    head = [p for p in own if p.name not in ("overwrite", "quiet")]
+    # typer passes everything by keyword, so every parameter can be keyword-only (any order is then valid).
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in (*head, *extra, *tail)]
+    return sig.replace(parameters=params), names
+
+
+def _install(fn: Callable[..., Any], wrapper: Callable[..., Any], sig: inspect.Signature) -> None:
+    wrapper.__signature__ = sig  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
+
+
+def read_options(kind: Literal["cells", "spatial"] = "cells") -> Callable[[F], F]:
+    """Add the reading options to a command; it receives them as ``read`` (keyword arguments of the API)."""
+    extra = _CELL_OPTIONS + (_SPATIAL_OPTIONS if kind == "spatial" else ())
+
+    def decorate(fn: F) -> F:
+        sig, names = _extend(fn, extra, "read")
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in names}
+            given["use_aliases"] = not given.pop("no_aliases")
+            return fn(read=given, **kwargs)
+
+        _install(fn, wrapper, sig)
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def trainer_options(*names: str) -> Callable[[F], F]:
+    """Add training options (all of them, or the ``names`` given); the command receives ``overrides``.
+
+    ``overrides`` holds only the options the user gave (``--devices`` parsed later by the settings class).
+    """
+    chosen = names or tuple(_TRAINER_OPTIONS)
+    unknown = sorted(set(chosen) - set(_TRAINER_OPTIONS))
+    if unknown:
+        msg = f"unknown trainer options {unknown}; known: {sorted(_TRAINER_OPTIONS)}."
+        raise ValueError(msg)
+    extra = [_TRAINER_OPTIONS[n] for n in chosen]
+
+    def decorate(fn: F) -> F:
+        sig, opt_names = _extend(fn, extra, "overrides")
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in opt_names}
+            return fn(overrides={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+        _install(fn, wrapper, sig)
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
