@@ -43,6 +43,7 @@ from msfm._version import __version__
 from msfm.errors import MsfmInputError
 from msfm.runtime.atomic import atomic_write, atomic_write_json
 from msfm.runtime.checkpoint import save_checkpoint
+from msfm.runtime.devices import parse_devices
 from msfm.runtime.jsonable import to_jsonable
 from msfm.runtime.safe_load import load_torch_file
 
@@ -129,6 +130,15 @@ class TrainerOptions(BaseModel):
             msg = f"Unknown strategy {value!r}; expected one of {sorted(known)}."
             raise ValueError(msg)
         return value
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _parse_devices(cls, value: Any) -> Any:
+        # "2", "-1", "0,1" from a command line or a YAML file mean the same as 2, -1, [0, 1].
+        try:
+            return parse_devices(value)
+        except MsfmInputError as err:
+            raise ValueError(str(err)) from None
 
     @field_validator("devices")
     @classmethod

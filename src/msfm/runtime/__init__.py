@@ -28,6 +28,7 @@ _LAZY = {
     "save_checkpoint": "msfm.runtime.checkpoint",
     "Loaded": "msfm.runtime.loaded",
     "Result": "msfm.runtime.results",
+    "TrainResult": "msfm.runtime.results",
     # settings
     "build_settings": "msfm.runtime.config",
     "read_config_file": "msfm.runtime.config",

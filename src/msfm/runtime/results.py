@@ -26,7 +26,7 @@ import numpy as np
 from msfm.runtime.atomic import PathLike, atomic_dir, atomic_write_bytes, atomic_write_json, check_output_free
 from msfm.runtime.jsonable import to_jsonable
 
-__all__ = ["Result"]
+__all__ = ["Result", "TrainResult"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,3 +65,23 @@ class Result:
                     plain[field.name] = value
             atomic_write_json(tmp / "result.json", to_jsonable(plain))
         return target
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult(Result):
+    """What ``train`` and ``fit_classifier`` return in every family.
+
+    It is path-like: pass it wherever a checkpoint is expected (``embed(adata, train(...))``).
+
+    Attributes:
+        run_dir: the run folder (resume state, logs, metrics; running ``train`` again on it resumes).
+        checkpoint: the exported msfm checkpoint to load (for ROAM: the run, i.e. its fold ensemble).
+        metrics: final metrics of the run (plain values).
+    """
+
+    run_dir: Path
+    checkpoint: Path
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __fspath__(self) -> str:
+        return str(self.checkpoint)
