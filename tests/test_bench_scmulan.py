@@ -24,10 +24,12 @@ from msfm.bench.scmulan import (
     run_benchmarks,
 )
 from msfm.data import CellSource, GenePanel, harmonize_genes
+from msfm.models.scmulan.batches import iter_prompt_batches
 from msfm.models.scmulan.decoding import DecodeOptions, generate_tokens, id_mask
-from msfm.models.scmulan.inference import LoadedScMulan, iter_prompt_batches, preprocessing_record
+from msfm.models.scmulan.loading import preprocessing_record, tokenizer_for
 from msfm.models.scmulan.model import ScMulan
 from msfm.models.scmulan.official import load_official_checkpoint
+from msfm.runtime.loaded import Loaded
 from msfm.tokenizers.cell_sentence import ANNOTATE, CellSentenceVocab
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "scmulan"
@@ -70,9 +72,8 @@ def test_batched_path_equals_one_cell_uncached_decoding(
         source = CellSource(adata, pre_normalized=True)
     panel = GenePanel.from_symbols(list(vocab.genes), name="scmulan")
     mapping = harmonize_genes(adata.var, panel)
-    loaded = LoadedScMulan(
-        official, official.config, vocab, {}, None, torch.device("cpu"), preprocessing_record()
-    )
+    meta = {"preprocessing": preprocessing_record()}
+    loaded = Loaded("scmulan", official, official.config, meta, None, torch.device("cpu"), vocab)
     res = msfm_annotate_batched(loaded, source, mapping, batch_size=4)
     assert res.ids.shape == (6, 2)
     assert np.isin(res.ids[:, 0], vocab.category_ids("coarse_cell_type")).all()
@@ -83,7 +84,7 @@ def test_batched_path_equals_one_cell_uncached_decoding(
         id_mask(vocab.category_ids("cell_type"), len(vocab)),
     ]
     options = DecodeOptions(max_new_tokens=2, repeat_mask="official", end_id=vocab.end_id)
-    for batch in iter_prompt_batches(source, mapping, loaded.tokenizer(), task=ANNOTATE, batch_size=1):
+    for batch in iter_prompt_batches(source, mapping, tokenizer_for(loaded), task=ANNOTATE, batch_size=1):
         one = generate_tokens(
             official, batch.ids, batch.levels, batch.attention_mask, options, allowed=allowed, use_cache=False
         )

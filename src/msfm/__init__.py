@@ -1,10 +1,13 @@
 """msfm: multiscale biological foundation models (scFoundation, scMulan, ROAM, GeST) in one toolkit.
 
-Families are imported lazily so that ``import msfm`` stays fast and side-effect free::
+Every family has the same shape, and is imported lazily so that ``import msfm`` stays fast and side-effect free::
 
     import msfm
     adata = msfm.datasets.pbmc68k()
-    msfm.scfoundation.embed(adata, checkpoint="ckpt_dir")
+    msfm.scfoundation.embed(adata, "sf_ckpt")            # obsm["X_scfoundation"]
+    msfm.scmulan.predict(adata, "mulan_ckpt")             # obs["scmulan_cell_type"], obs["scmulan_confidence"]
+
+See ``docs/architecture.md`` ("One public shape").
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ _LAZY = {
     "scmulan": "msfm.models.scmulan",
     "roam": "msfm.models.roam",
     "gest": "msfm.models.gest",
+    "runtime": "msfm.runtime",
+    "registry": "msfm.registry",
     "engine": "msfm.engine",
     "eval": "msfm.eval",
     "pl": "msfm.pl",

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 SIDE = 400.0
 TRAIN_ARGS = (
-    "--preset", "gest-tiny", "--steps", 4, "--n-genes", 50, "--n-metacells", 16, "--n-pcs", 10, "--levels", "4,2",
+    "--preset", "gest-tiny", "--max-steps", 4, "--n-genes", 50, "--n-metacells", 16, "--n-pcs", 10, "--levels", "4,2",
     "--side-um", 150, "--max-cells", 64, "--batch-size", 4, "--checkpoint-every", 2, "--accelerator", "cpu",
     "--devices", "1", "--quiet",
 )  # fmt: skip
@@ -92,15 +92,15 @@ class _Capture:
 
 
 def _model_genes(model: Path) -> list[str]:
-    from msfm.models.gest import load_model
+    import msfm
 
-    return list(load_model(model, device="cpu").vocab.genes)
+    return list(msfm.gest.load(model, device="cpu").vocab.genes)
 
 
 def test_help_lists_all_verbs(capsys):
     assert run("gest", "--help") == 0
     text = capsys.readouterr().out
-    for verb in ("train", "generate", "embed", "perturb", "evaluate", "annotate-train", "annotate"):
+    for verb in ("train", "generate", "embed", "perturb", "evaluate", "fit-classifier", "predict"):
         assert verb in text
     assert run("--help") == 0
     assert "gest" in capsys.readouterr().out
@@ -109,10 +109,10 @@ def test_help_lists_all_verbs(capsys):
 def test_train_writes_a_model_and_resumes(trained, tissue, tmp_path, capsys):
     model, text = trained
     assert "model written to" in text
-    assert "training on" in text
+    held = ad.read_h5ad(tissue).obs["held"].to_numpy()
+    assert f"trained on {int((~held).sum())} of {held.size} cells" in text
     assert (model / "model.safetensors").is_file()
     meta = json.loads((model / "meta.json").read_text())
-    held = ad.read_h5ad(tissue).obs["held"].to_numpy()
     assert meta["extra"]["n_train_cells"] == int((~held).sum())
     assert meta["extra"]["window"]["side_um"] == 150.0
     assert len(_model_genes(model)) == 50
@@ -149,7 +149,7 @@ def test_generate_query_and_positions(trained, tissue, tmp_path, capsys):
     model, _ = trained
     digest = sha256(tissue)
     out = tmp_path / "gen.h5ad"
-    assert run("gest", "generate", tissue, "--model", model, "--out", out, "--query-column", "held",
+    assert run("gest", "generate", tissue, "-c", model, "--out", out, "--query-column", "held",
                "--device", "cpu") == 0  # fmt: skip
     gen = ad.read_h5ad(out)
     src = ad.read_h5ad(tissue)
@@ -159,19 +159,19 @@ def test_generate_query_and_positions(trained, tissue, tmp_path, capsys):
     assert {"gest_token", "gest_token_prob", "gest_round"} <= set(gen.obs.columns)
     assert gen.obs["gest_token"].between(0, 15).all()
     np.testing.assert_allclose(gen.obsm["spatial"], src.obsm["spatial"][held])
-    assert gen.uns["gest"]["mode"] == "pick"
+    assert gen.uns["gest"]["generate"]["mode"] == "pick"
     assert sha256(tissue) == digest
 
     # An existing output is refused without --overwrite, replaced with it.
     capsys.readouterr()
-    assert run("gest", "generate", tissue, "--model", model, "--out", out, "--query-column", "held") == 2
+    assert run("gest", "generate", tissue, "-c", model, "--out", out, "--query-column", "held") == 2
     assert "already exists" in capsys.readouterr().err
-    assert run("gest", "generate", tissue, "--model", model, "--out", out, "--query-column", "held",
+    assert run("gest", "generate", tissue, "-c", model, "--out", out, "--query-column", "held",
                "--mode", "weighted", "--overwrite", "--no-cache", "--device", "cpu") == 0  # fmt: skip
-    assert ad.read_h5ad(out).uns["gest"]["mode"] == "weighted"
+    assert ad.read_h5ad(out).uns["gest"]["generate"]["mode"] == "weighted"
 
     # Writing over the input is refused even with --overwrite.
-    assert run("gest", "generate", tissue, "--model", model, "--out", tissue, "--query-column", "held",
+    assert run("gest", "generate", tissue, "-c", model, "--out", tissue, "--query-column", "held",
                "--overwrite") == 2  # fmt: skip
     assert "input" in capsys.readouterr().err
     assert sha256(tissue) == digest
@@ -179,7 +179,7 @@ def test_generate_query_and_positions(trained, tissue, tmp_path, capsys):
     pos = tmp_path / "pos.csv"
     pd.DataFrame({"x": [200.0, 210.0, 190.5], "y": [200.0, 195.0, 220.0]}).to_csv(pos, index=False)
     out2 = tmp_path / "new.h5ad"
-    assert run("gest", "generate", tissue, "--model", model, "--out", out2, "--positions", pos,
+    assert run("gest", "generate", tissue, "-c", model, "--out", out2, "--positions", pos,
                "--device", "cpu") == 0  # fmt: skip
     new = ad.read_h5ad(out2)
     assert new.shape == (3, 50)
@@ -191,21 +191,21 @@ def test_generate_input_errors(trained, tissue, tmp_path, capsys):
     out = tmp_path / "g.h5ad"
     pos = tmp_path / "pos.csv"
     pd.DataFrame({"x": [1.0], "y": [2.0]}).to_csv(pos, index=False)
-    assert run("gest", "generate", tissue, "--model", model, "--out", out) == 2
-    assert "exactly one of --query-column" in capsys.readouterr().err
-    assert run("gest", "generate", tissue, "--model", model, "--out", out, "--query-column", "held",
+    assert run("gest", "generate", tissue, "-c", model, "--out", out) == 2
+    assert "exactly one of query" in capsys.readouterr().err
+    assert run("gest", "generate", tissue, "-c", model, "--out", out, "--query-column", "held",
                "--positions", pos) == 2  # fmt: skip
-    assert "exactly one of --query-column" in capsys.readouterr().err
-    assert run("gest", "generate", tissue, "--model", model, "--out", out, "--query-column", "nope") == 2
+    assert "exactly one of query" in capsys.readouterr().err
+    assert run("gest", "generate", tissue, "-c", model, "--out", out, "--query-column", "nope") == 2
     err = capsys.readouterr().err
     assert "'nope' is not an obs column" in err
     assert "domain" in err
     # A column that is not boolean is refused with its values.
-    assert run("gest", "generate", tissue, "--model", model, "--out", out, "--query-column", "domain") == 2
+    assert run("gest", "generate", tissue, "-c", model, "--out", out, "--query-column", "domain") == 2
     assert "must hold booleans" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"a": [1.0], "b": [2.0]}).to_csv(bad, index=False)
-    assert run("gest", "generate", tissue, "--model", model, "--out", out, "--positions", bad) == 2
+    assert run("gest", "generate", tissue, "-c", model, "--out", out, "--positions", bad) == 2
     assert "needs columns x and y" in capsys.readouterr().err
     assert not out.exists()
 
@@ -213,7 +213,7 @@ def test_generate_input_errors(trained, tissue, tmp_path, capsys):
 def test_embed_with_kmeans(trained, tissue, tmp_path):
     model, _ = trained
     out = tmp_path / "emb.h5ad"
-    assert run("gest", "embed", tissue, "--model", model, "--out", out, "--cluster", "kmeans",
+    assert run("gest", "embed", tissue, "-c", model, "--out", out, "--cluster", "kmeans",
                "--n-clusters", 3, "--max-cells", 32, "--device", "cpu") == 0  # fmt: skip
     emb = ad.read_h5ad(out)
     src = ad.read_h5ad(tissue)
@@ -223,10 +223,10 @@ def test_embed_with_kmeans(trained, tissue, tmp_path):
     assert emb.obs["gest_niche"].nunique() == 3
     assert {"domain", "cell_type", "held"} <= set(emb.obs.columns)
     assert "counts" in emb.layers
-    assert emb.uns["X_gest"]["max_cells"] == 32
+    assert emb.uns["gest"]["embed"]["max_cells"] == 32
+    assert emb.uns["gest"]["cluster_niches"]["n_clusters"] == 3
     assert (
-        run("gest", "embed", tissue, "--model", model, "--out", tmp_path / "e2.h5ad", "--cluster", "kmeans")
-        == 2
+        run("gest", "embed", tissue, "-c", model, "--out", tmp_path / "e2.h5ad", "--cluster", "kmeans") == 2
     )
 
 
@@ -236,7 +236,7 @@ def test_perturb_writes_a_folder(trained, tissue, tmp_path, capsys):
     genes = _model_genes(model)
     out = tmp_path / "pert"
     c0, c1 = SIDE / 2 - 50, SIDE / 2 + 50
-    args = ("gest", "perturb", tissue, "--model", model, "--out", out, "--region-box", f"{c0},{c0},{c1},{c1}",
+    args = ("gest", "perturb", tissue, "-c", model, "--out", out, "--region-box", f"{c0},{c0},{c1},{c1}",
             "--up", genes[0], "--down", genes[1], "--perturb-mode", "continuous", "--device", "cpu")  # fmt: skip
     assert run(*args) == 0
     text = capsys.readouterr().out
@@ -269,7 +269,7 @@ def test_perturb_writes_a_folder(trained, tissue, tmp_path, capsys):
     # The existing folder is refused; --overwrite replaces it. Region from a boolean column.
     assert run(*args) == 2
     assert "already exists" in capsys.readouterr().err
-    assert run("gest", "perturb", tissue, "--model", model, "--out", out, "--region-column", "region_flag",
+    assert run("gest", "perturb", tissue, "-c", model, "--out", out, "--region-column", "region_flag",
                "--up", genes[0], "--overwrite", "--device", "cpu") == 0  # fmt: skip
     summary2 = json.loads((out / "summary.json").read_text())
     assert summary2["params"]["perturb_mode"] == "requantize"
@@ -284,7 +284,7 @@ def test_perturb_input_errors(trained, tissue, tmp_path, capsys):
     model, _ = trained
     genes = _model_genes(model)
     out = tmp_path / "p"
-    base = ("gest", "perturb", tissue, "--model", model, "--out", out)
+    base = ("gest", "perturb", tissue, "-c", model, "--out", out)
     assert run(*base, "--region-box", "10,20,5", "--up", genes[0]) == 2
     err = capsys.readouterr().err
     assert "--region-box '10,20,5'" in err
@@ -311,8 +311,8 @@ def test_perturb_input_errors(trained, tissue, tmp_path, capsys):
 def test_evaluate_with_niches(trained, tissue, tmp_path, capsys):
     model, _ = trained
     out = tmp_path / "eval"
-    assert run("gest", "evaluate", tissue, "--model", model, "--out", out, "--held-out-column", "held",
-               "--baselines", "mean,knn", "--n-top-genes", 20, "--label-key", "domain", "--n-clusters", 3,
+    assert run("gest", "evaluate", tissue, "-c", model, "--out", out, "--held-out-column", "held",
+               "--baselines", "mean,knn", "--n-top-genes", 20, "--labels-key", "domain", "--n-clusters", 3,
                "--device", "cpu") == 0  # fmt: skip
     text = capsys.readouterr().out
     assert "gest_pick" in text
@@ -323,38 +323,59 @@ def test_evaluate_with_niches(trained, tissue, tmp_path, capsys):
     niches = pd.read_csv(out / "niches.csv", index_col=0)
     assert set(niches.index) == {"gest", "expression_pca", "niche_mean_pca"}
     assert {"ami", "ari"} <= set(niches.columns)
-    assert run("gest", "evaluate", tissue, "--model", model, "--out", tmp_path / "e2",
+    assert run("gest", "evaluate", tissue, "-c", model, "--out", tmp_path / "e2",
                "--held-out-column", "held", "--baselines", "mean,svm") == 2  # fmt: skip
     assert "--baselines" in capsys.readouterr().err
 
 
-def test_annotate_train_and_annotate(trained, tissue, tmp_path, capsys):
+def test_fit_classifier_and_predict(trained, tissue, tmp_path, capsys):
     model, _ = trained
     run_dir = tmp_path / "niche"
-    assert run("gest", "annotate-train", tissue, "--model", model, "--out", run_dir, "--label-key", "domain",
-               "--steps", 2, "--batch-size", 8, "--max-cells", 16, "--accelerator", "cpu", "--devices", "1",
+    assert run("gest", "fit-classifier", tissue, "-c", model, "-o", run_dir, "--labels-key", "domain",
+               "--max-steps", 2, "--batch-size", 8, "--max-cells", 16, "--accelerator", "cpu", "--devices", "1",
                "--quiet") == 0  # fmt: skip
     assert "niche classifier written to" in capsys.readouterr().out
     clf = run_dir / "model"
     assert (clf / "model.safetensors").is_file()
+    rec = json.loads((run_dir / "config.json").read_text())
+    assert rec["run"]["max_cells"] == 16
+    assert rec["trainer"]["max_steps"] == 2
     out = tmp_path / "annot.h5ad"
-    assert run("gest", "annotate", tissue, "--model", clf, "--out", out, "--device", "cpu") == 0
+    assert run("gest", "predict", tissue, "-c", clf, "-o", out, "--device", "cpu", "--quiet") == 0
+    assert "obs['gest_domain']" in capsys.readouterr().out
     a = ad.read_h5ad(out)
     domains = set(ad.read_h5ad(tissue).obs["domain"].astype(str))
     assert a.n_obs == 300
-    assert set(a.obs["gest_niche_label"].astype(str)) <= domains
-    assert a.obsm["gest_niche_label_probs"].shape == (300, len(domains))
-    np.testing.assert_allclose(a.obsm["gest_niche_label_probs"].sum(1), 1.0, rtol=1e-5)
-    assert a.obs["gest_niche_label_confidence"].between(0, 1).all()
-    assert run("gest", "annotate-train", tissue, "--model", model, "--out", tmp_path / "n2",
-               "--label-key", "nope", "--steps", 1) == 2  # fmt: skip
+    assert set(a.obs["gest_domain"].astype(str)) <= domains
+    assert a.obsm["gest_probs"].shape == (300, len(domains))
+    np.testing.assert_allclose(a.obsm["gest_probs"].sum(1), 1.0, rtol=1e-5)
+    assert a.obs["gest_confidence"].between(0, 1).all()
+    assert a.uns["gest"]["predict"]["labels_key"] == "domain"
+    assert run("gest", "fit-classifier", tissue, "-c", model, "-o", tmp_path / "n2",
+               "--labels-key", "nope", "--max-steps", 1) == 2  # fmt: skip
     assert "'nope' is not an obs column" in capsys.readouterr().err
+    # A pretrained model is not a classifier.
+    assert run("gest", "predict", tissue, "-c", model, "-o", tmp_path / "x.h5ad", "--device", "cpu") == 2
+    assert "not a niche classifier" in capsys.readouterr().err
+
+
+def test_reading_options_reach_the_api(trained, tissue, tmp_path, capsys):
+    model, _ = trained
+    out = tmp_path / "g.h5ad"
+    # --duplicates is checked by the shared option set, --spatial-key reaches the data.
+    assert run("gest", "generate", tissue, "-c", model, "-o", out, "--query-column", "held",
+               "--duplicates", "merge") == 2  # fmt: skip
+    assert "duplicates" in capsys.readouterr().err
+    assert run("gest", "generate", tissue, "-c", model, "-o", out, "--query-column", "held",
+               "--spatial-key", "nope") == 2  # fmt: skip
+    assert "'nope'" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_visium_folder_input(trained, tmp_path, capsys):
     import shutil
 
-    from msfm.cli.gest import read_input
+    from msfm.data.spatial import as_spatial_anndata as read_input
     from msfm.datasets.spatial import visium_folder
 
     src = visium_folder()
@@ -368,9 +389,9 @@ def test_visium_folder_input(trained, tmp_path, capsys):
     assert read_input(copy).shape == (100, 100)
     (copy / "sample_counts.h5").unlink()
     model, _ = trained
-    assert run("gest", "embed", copy, "--model", model, "--out", tmp_path / "v.h5ad") == 2
+    assert run("gest", "embed", copy, "-c", model, "--out", tmp_path / "v.h5ad") == 2
     assert "0 .h5 matrices" in capsys.readouterr().err
     # The folder is read and reaches the model, whose genes it does not have.
-    assert run("gest", "embed", src, "--model", model, "--out", tmp_path / "v.h5ad") == 2
+    assert run("gest", "embed", src, "-c", model, "--out", tmp_path / "v.h5ad") == 2
     assert "of the model's 50 genes were found" in capsys.readouterr().err
     assert not (tmp_path / "v.h5ad").exists()

@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import msfm
 from msfm.cli import main
-from msfm.models.roam.checkpoint import load_model
+from msfm.errors import MsfmInputError
 
 FIXTURE = "tests/fixtures/roam"
 
@@ -29,10 +30,11 @@ def test_convert_official_checkpoint_reproduces_the_official_logits(tmp_path) ->
             "0",
         ]
     )
-    model, meta = load_model(out)
+    loaded = msfm.roam.load(out, device="cpu")
+    model = loaded.model
     assert model.config.class_names == ("astro", "oligo", "epen")
-    assert meta["extra"]["task"] == "subtyping"
-    assert meta["extra"]["encoder"] == {"name": "resnet50_trunc", "dim": 64}
+    assert loaded.extra["task"] == "subtyping"
+    assert loaded.extra["encoder"] == {"name": "resnet50_trunc", "dim": 64}
     io = load_file(f"{FIXTURE}/tiny_official_io.safetensors")
     with torch.no_grad():
         logits = model(io["A_features"]).logits
@@ -58,6 +60,18 @@ def test_convert_refuses_existing_output_and_bad_files(tmp_path, capsys) -> None
         main(["roam", "convert", str(other), "--out", str(tmp_path / "z")])
     assert exc.value.code == 2
     assert "released multi-scale ROAM" in capsys.readouterr().err
+
+
+def test_convert_api_refuses_existing_output_unless_overwrite(tmp_path) -> None:
+    out = tmp_path / "ckpt"
+    path = msfm.roam.convert(f"{FIXTURE}/tiny_official.pt", out, class_names="a,b,c", fold=1)
+    assert path == out
+    with pytest.raises(MsfmInputError, match="already exists"):
+        msfm.roam.convert(f"{FIXTURE}/tiny_official.pt", out)
+    msfm.roam.convert(f"{FIXTURE}/tiny_official.pt", out, overwrite=True, task="t")
+    assert msfm.roam.load(out, device="cpu").extra["task"] == "t"
+    with pytest.warns(DeprecationWarning, match=r"msfm\.roam\.convert\("):
+        msfm.roam.convert_official(f"{FIXTURE}/tiny_official.pt", out)  # replaced it, as it always did
 
 
 def test_typer_exit_codes_reach_the_shell(tmp_path) -> None:

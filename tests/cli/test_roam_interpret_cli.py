@@ -16,9 +16,9 @@ from msfm.cli.roam_interpret import register
 from msfm.errors import MsfmInputError
 from msfm.models.roam.checkpoint import save_model
 from msfm.models.roam.config import RoamConfig
+from msfm.models.roam.ensemble import BEST_DIR, DONE_FILE
 from msfm.models.roam.features import SlideFeatures, write_slide_features
 from msfm.models.roam.model import Roam
-from msfm.models.roam.predict import BEST_DIR, DONE_FILE
 
 CLASSES = ("tumour", "normal")
 D = 16
@@ -79,10 +79,9 @@ def test_heatmap_writes_every_output(workspace) -> None:
     out = workspace["root"] / "out"
     run(
         "heatmap",
+        workspace["features"],
         "--checkpoint",
         workspace["run"],
-        "--features",
-        workspace["features"],
         "--out",
         out,
         "--top-k",
@@ -126,10 +125,9 @@ def test_heatmap_class_choice_single_checkpoint_and_overwrite(workspace) -> None
     out = workspace["root"] / "out_class"
     args = [
         "heatmap",
+        workspace["features"],
         "-c",
         workspace["run"] / "fold0" / BEST_DIR,
-        "-f",
-        workspace["features"],
         "-o",
         out,
         "--slides",
@@ -162,7 +160,7 @@ def test_heatmap_class_choice_single_checkpoint_and_overwrite(workspace) -> None
 
 
 def test_heatmap_errors(workspace, tmp_path: Path) -> None:
-    base = ["heatmap", "-c", workspace["run"], "-f", workspace["features"], "-o", tmp_path / "o"]
+    base = ["heatmap", workspace["features"], "-c", workspace["run"], "-o", tmp_path / "o"]
     with pytest.raises(MsfmInputError, match="not a class"):
         run(*base, "--class", "stroma")
     with pytest.raises(MsfmInputError, match="--method"):
@@ -180,11 +178,30 @@ def test_heatmap_errors(workspace, tmp_path: Path) -> None:
     sf.attrs["slide_path"] = str(tmp_path / "gone" / "s2.png")
     write_slide_features(feats / "s2.h5", sf)
     Image.open(workspace["slides"] / "s2.png").save(moved / "s2.png")
-    args = ["heatmap", "-c", workspace["run"], "-f", feats, "-o", tmp_path / "o2", "--roi-maps", "0"]
+    args = ["heatmap", feats, "-c", workspace["run"], "-o", tmp_path / "o2", "--roi-maps", "0"]
     with pytest.raises(MsfmInputError, match="--slide-dir"):
         run(*args, "--thumbnail-size", "64", "--roi-px", "32")
     run(*args, "--thumbnail-size", "64", "--roi-px", "32", "--slide-dir", moved)
     assert (tmp_path / "o2" / "s2" / "heatmap.png").is_file()
+
+
+def test_heatmap_api_returns_a_result(workspace, tmp_path: Path) -> None:
+    import msfm
+
+    res = msfm.roam.heatmap(
+        workspace["features"], workspace["run"], out=tmp_path / "h", slides="s1", roi_maps=0, roi_px=32,
+        thumbnail_size=64, device="cpu",
+    )  # fmt: skip
+    assert isinstance(res, msfm.roam.HeatmapResult)
+    assert list(res.table["slide_id"]) == ["s1"]
+    assert res.table["out"][0] == tmp_path / "h" / "s1"
+    assert (tmp_path / "h" / "s1" / "heatmap.png").is_file()
+    with pytest.warns(DeprecationWarning, match=r"msfm\.roam\.heatmap\("):
+        records = msfm.roam.write_heatmaps(
+            workspace["run"], workspace["features"], tmp_path / "old", slides=["s2"], roi_maps=0, roi_px=32,
+            thumbnail_size=64,
+        )  # fmt: skip
+    assert [r["slide_id"] for r in records] == ["s2"]
 
 
 def test_heatmap_is_registered_in_msfm_roam() -> None:
@@ -193,9 +210,9 @@ def test_heatmap_is_registered_in_msfm_roam() -> None:
     command = typer.main.get_command(app)
     assert "heatmap" in command.commands
     options = {o for p in command.commands["heatmap"].params for o in p.opts}
+    assert "--features" not in options
     assert {
         "--checkpoint",
-        "--features",
         "--slides",
         "--out",
         "--class",
@@ -219,7 +236,7 @@ def test_heatmap_refuses_slide_ids_that_leave_out(workspace, tmp_path: Path, bad
         SlideFeatures(slide_id="victim", features=np.zeros((1, 84, D), np.float32), coords=np.zeros((1, 2))),
     )
     with pytest.raises(MsfmInputError, match="Invalid slide id"):
-        run("heatmap", "-c", workspace["run"], "-f", workspace["features"], "-o", out, "--slides", bad,
+        run("heatmap", workspace["features"], "-c", workspace["run"], "-o", out, "--slides", bad,
             "--overwrite", "--roi-maps", "0")  # fmt: skip
     assert (victim / "keep.txt").read_text() == "user data"
     assert list(out.iterdir()) == []

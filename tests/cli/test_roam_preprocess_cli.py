@@ -76,9 +76,29 @@ def test_cli_option_errors(app: typer.Typer, slides: Path, tmp_path: Path) -> No
     res = runner.invoke(app, base)  # resnet50_trunc without --weights
     assert isinstance(res.exception, MsfmInputError)
     assert "--weights" in str(res.exception)
-    res = runner.invoke(app, [*base, "--encoder", "tiny", "--tissue", "[1]"])
+    res = runner.invoke(app, [*base, "--encoder", "tiny", "--tissue-overrides", "[1]"])
     assert isinstance(res.exception, MsfmInputError)
     assert "JSON object" in str(res.exception)
+    res = runner.invoke(app, [*base, "--encoder", "tiny", "--tissue", "nope"])
+    assert isinstance(res.exception, MsfmInputError)
+    assert "Unknown tissue preset" in str(res.exception)
+    res = runner.invoke(app, [*base, "--preset", "biopsy"])  # --preset names model presets (train) only
+    assert res.exit_code == 2
+
+
+def test_cli_tissue_preset_and_config_file(app: typer.Typer, slides: Path, tmp_path: Path) -> None:
+    import json
+
+    config = tmp_path / "prep.yaml"
+    config.write_text("encoder: tiny\nroi_size: 512\nmin_tissue: 0.2\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        app, ["preprocess", str(slides / "good.tif"), "-o", str(out), "--config", str(config), "--tissue", "biopsy",
+              "--quiet"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "preprocess_config.json").read_text())["config"]
+    assert (cfg["tissue_preset"], cfg["min_tissue"], cfg["patch_size"]) == ("biopsy", 0.2, 64)
 
 
 def test_through_msfm_main(slides: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from msfm.cli.roam_train import register
+from msfm.cli import roam_predict, roam_train
 from msfm.errors import MsfmInputError
 from msfm.models.roam.features import SlideFeatures, write_slide_features
 
@@ -22,7 +22,8 @@ D = 16
 
 def _app() -> typer.Typer:
     app = typer.Typer()
-    register(app)
+    roam_train.register(app)
+    roam_predict.register(app)
     return app
 
 
@@ -61,8 +62,8 @@ def run(cohort, tmp_path_factory) -> Path:
     table, fd, config = cohort
     out = tmp_path_factory.mktemp("runs") / "subtype"
     res = invoke(
-        "train", "--slides", table, "--features", fd, "--task", "subtype", "--folds", 2, "--out", out,
-        "--model", "roam-tiny", "--config", config, "--max-epochs", 3, "--accelerator", "cpu", "--devices", "1",
+        "train", fd, "--slides", table, "--task", "subtype", "--folds", 2, "-o", out,
+        "--preset", "roam-tiny", "--config", config, "--max-epochs", 3, "--accelerator", "cpu", "--devices", "1",
         "--test-frac", 0.2, "--quiet",
     )  # fmt: skip
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -84,19 +85,18 @@ def test_train_writes_a_run(run):
 def test_predict_evaluate_and_cascade(run, cohort, tmp_path):
     table, fd, _ = cohort
     preds = tmp_path / "preds.csv"
-    res = invoke("predict", "--run", run, "--features", fd, "--out", preds, "--device", "cpu")
+    res = invoke("predict", fd, "-c", run, "-o", preds, "--device", "cpu")
     assert res.exit_code == 0, res.output + repr(res.exception)
     df = pd.read_csv(preds)
     assert len(df) == 10
     assert {"prob_astro", "prob_oligo", "pred", "confidence"} <= set(df.columns)
-    res = invoke("predict", "--run", run, "--features", fd, "--out", preds, "--device", "cpu")
+    res = invoke("predict", fd, "-c", run, "-o", preds, "--device", "cpu")
     assert isinstance(res.exception, MsfmInputError)
     assert "--overwrite" in str(res.exception)
 
     metrics, png = tmp_path / "m.json", tmp_path / "cm.png"
     res = invoke(
         "evaluate",
-        "--predictions",
         preds,
         "--slides",
         table,
@@ -115,7 +115,7 @@ def test_predict_evaluate_and_cascade(run, cohort, tmp_path):
 
     out = tmp_path / "cascade.csv"
     res = invoke(
-        "cascade", "--features", fd, "--out", out, "--device", "cpu",
+        "cascade", fd, "-o", out, "--device", "cpu",
         "--stage", f"subtype={run}", "--stage", f"again={run}:subtype==oligo",
     )  # fmt: skip
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -124,7 +124,7 @@ def test_predict_evaluate_and_cascade(run, cohort, tmp_path):
     oligo = c.subtype == "oligo"
     assert (c.loc[oligo, "again"] == "oligo").all()
     assert (c.loc[~oligo, "again"] == "").all()
-    res = invoke("evaluate", "--predictions", out, "--slides", table, "--task", "subtype", "--stage", "again")
+    res = invoke("evaluate", out, "--slides", table, "--task", "subtype", "--stage", "again")
     assert res.exit_code == 0
     assert '"n": ' + str(int(oligo.sum())) in res.output
 
@@ -135,21 +135,21 @@ def test_cli_errors(run, cohort, tmp_path):
     df.loc[len(df)] = {"slide_id": "missing1", "subtype": "astro", "grade": "2"}
     bad = tmp_path / "bad.csv"
     df.to_csv(bad, index=False)
-    res = invoke("train", "--slides", bad, "--features", fd, "--task", "subtype", "--out", tmp_path / "r")
+    res = invoke("train", fd, "--slides", bad, "--task", "subtype", "-o", tmp_path / "r")
     assert isinstance(res.exception, MsfmInputError)
     assert "missing1" in str(res.exception)
     assert str(fd) in str(res.exception)
     # same run directory, different settings -> refused before anything is trained
     res = invoke(
-        "train", "--slides", table, "--features", fd, "--task", "subtype", "--folds", 2, "--out", run,
-        "--model", "roam-tiny", "--config", config, "--max-epochs", 4, "--test-frac", 0.2,
+        "train", fd, "--slides", table, "--task", "subtype", "--folds", 2, "-o", run,
+        "--preset", "roam-tiny", "--config", config, "--max-epochs", 4, "--test-frac", 0.2,
     )  # fmt: skip
     assert isinstance(res.exception, MsfmInputError)
     assert "max_epochs" in str(res.exception)
-    res = invoke("cascade", "--features", fd, "--out", tmp_path / "c.csv")
+    res = invoke("cascade", fd, "-o", tmp_path / "c.csv")
     assert isinstance(res.exception, MsfmInputError)
     assert "--stage" in str(res.exception)
-    res = invoke("train", "--slides", table, "--features", fd, "--out", tmp_path / "r2")
+    res = invoke("train", fd, "--slides", table, "-o", tmp_path / "r2")
     assert isinstance(res.exception, MsfmInputError)
     assert "--task" in str(res.exception)
 
@@ -166,12 +166,11 @@ def test_slide_ids_that_leave_folders_are_refused(run, cohort, tmp_path):
         preds, index=False
     )
     verbs = {
-        "train": ["train", "--slides", bad, "--features", fd, "--task", "subtype", "--out", tmp_path / "r"],
-        "predict": ["predict", "--run", run, "--features", fd, "--slides", bad, "--out", tmp_path / "o.csv"],
-        "cascade": ["cascade", "--features", fd, "--slides", bad, "--out", tmp_path / "c.csv",
-                    "--stage", f"subtype={run}"],
-        "evaluate labels": ["evaluate", "--predictions", preds, "--slides", bad, "--task", "subtype"],
-        "evaluate predictions": ["evaluate", "--predictions", preds, "--slides", table, "--task", "subtype"],
+        "train": ["train", fd, "--slides", bad, "--task", "subtype", "-o", tmp_path / "r"],
+        "predict": ["predict", fd, "-c", run, "--slides", bad, "-o", tmp_path / "o.csv"],
+        "cascade": ["cascade", fd, "--slides", bad, "-o", tmp_path / "c.csv", "--stage", f"subtype={run}"],
+        "evaluate labels": ["evaluate", preds, "--slides", bad, "--task", "subtype"],
+        "evaluate predictions": ["evaluate", preds, "--slides", table, "--task", "subtype"],
     }  # fmt: skip
     for name, args in verbs.items():
         res = invoke(*args)
@@ -179,3 +178,32 @@ def test_slide_ids_that_leave_folders_are_refused(run, cohort, tmp_path):
         assert "Invalid slide id" in str(res.exception), name
     assert not (tmp_path / "r").exists()
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_fine_tuning_from_c_and_joined_checkpoints(run, cohort, tmp_path):
+    table, fd, config = cohort
+    init = run / "fold0" / "best"
+    out = tmp_path / "ft"
+    res = invoke(
+        "train", fd, "--slides", table, "--task", "subtype", "--folds", 2, "-o", out, "-c", init,
+        "--config", config, "--max-epochs", 1, "--accelerator", "cpu", "--quiet",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert json.loads((out / "run.json").read_text())["config"]["init_from"] == str(init)
+    # '+' joins checkpoints into one ensemble: the same as the run they come from
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert invoke("predict", fd, "-c", run, "-o", a, "--device", "cpu").exit_code == 0
+    joined = f"{run}/fold0/best+{run}/fold1/best"
+    res = invoke("predict", fd, "-c", joined, "-o", b, "--device", "cpu")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    pd.testing.assert_frame_equal(pd.read_csv(a), pd.read_csv(b))
+
+
+def test_the_commands_use_the_shared_options():
+    cmds = typer.main.get_command(_app()).commands
+    opts = {name: {o for p in cmd.params for o in p.opts} for name, cmd in cmds.items()}
+    for name in ("train", "predict", "cascade", "evaluate"):
+        assert not opts[name] & {"--features", "--run", "--model", "--predictions", "--init-from"}, name
+    assert {"-c", "--preset", "--config", "--devices", "--max-epochs", "--lr", "-o"} <= opts["train"]
+    assert "--max-steps" not in opts["train"]  # only the trainer options RoamTrainConfig understands
+    assert {"-c", "-o"} <= opts["predict"]

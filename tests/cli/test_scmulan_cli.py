@@ -61,8 +61,18 @@ def pbmc_h5ad(tmp_path_factory) -> Path:
 def test_help_lists_the_commands(capsys):
     assert run("scmulan", "--help") == 0
     text = capsys.readouterr().out
-    for verb in ("convert", "annotate", "organ", "generate", "perturb", "next-state", "train"):
+    for verb in (
+        "convert",
+        "predict",
+        "embed",
+        "generate",
+        "perturb",
+        "perturb-screen",
+        "next-state",
+        "train",
+    ):
         assert verb in text
+    assert "annotate" not in text  # the old commands are hidden aliases
 
 
 def test_convert_refuses_existing_output(ckpt, capsys):
@@ -77,7 +87,7 @@ def test_annotate_matches_official_and_guards_input(ckpt, cells_h5ad, tmp_path, 
     out = tmp_path / "annotated.h5ad"
     code = run(
         "scmulan",
-        "annotate",
+        "predict",
         cells_h5ad,
         "-c",
         ckpt,
@@ -98,29 +108,51 @@ def test_annotate_matches_official_and_guards_input(ckpt, cells_h5ad, tmp_path, 
     fine = [vocab.token(int(i)) for i in io["annot.gen.nonkv.label_ids"][:, 1]]
     assert list(res.obs["scmulan_cell_type_fine"]) == fine
     np.testing.assert_allclose(res.obsm["X_scmulan"], io["annot.embedding"].numpy(), atol=1e-4, rtol=1e-4)
-    assert res.uns["scmulan"]["annotate"]["params"]["constrained"] in (False, 0)
+    assert res.uns["scmulan"]["predict"]["cell_type"]["params"]["constrained"] in (False, 0)
 
     # output == input is refused, and the input is left intact
     before = cells_h5ad.read_bytes()
-    assert run("scmulan", "annotate", cells_h5ad, "-c", ckpt, "-o", cells_h5ad, "--pre-normalized") == 2
+    assert (
+        run("scmulan", "predict", cells_h5ad, "-c", ckpt, "-o", cells_h5ad, "--pre-normalized", "--overwrite")
+        == 2
+    )
     assert "input" in capsys.readouterr().err
     assert cells_h5ad.read_bytes() == before
     # an existing output needs --overwrite
-    assert run("scmulan", "annotate", cells_h5ad, "-c", ckpt, "-o", out, "--pre-normalized", "--quiet") == 2
+    assert run("scmulan", "predict", cells_h5ad, "-c", ckpt, "-o", out, "--pre-normalized", "--quiet") == 2
     assert "already exists" in capsys.readouterr().err
     # missing checkpoint: exit 2 with a clear message
-    code = run("scmulan", "annotate", cells_h5ad, "-c", tmp_path / "nope", "-o", tmp_path / "x.h5ad")
+    code = run("scmulan", "predict", cells_h5ad, "-c", tmp_path / "nope", "-o", tmp_path / "x.h5ad")
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x.h5ad").exists()
 
 
-def test_organ_and_embed(ckpt, pbmc_h5ad, tmp_path):
+def test_organ_and_embed(ckpt, pbmc_h5ad, tmp_path, capsys):
     out = tmp_path / "organ.h5ad"
-    assert run("scmulan", "organ", pbmc_h5ad, "-c", ckpt, "-o", out, "--quiet", "--key-added", "m") == 0
+    code = run(
+        "scmulan",
+        "predict",
+        pbmc_h5ad,
+        "-c",
+        ckpt,
+        "-o",
+        out,
+        "--target",
+        "organ",
+        "--quiet",
+        "--key-added",
+        "m",
+    )
+    assert code == 0
     res = ad.read_h5ad(out)
     assert set(res.obs["m_organ"]) <= set(CellSentenceVocab.official().categories["organ"])
     assert "m_organ_confidence" in res.obs
+    # the old command still works, with a deprecation note, and gives the same labels
+    old = tmp_path / "organ_old.h5ad"
+    assert run("scmulan", "organ", pbmc_h5ad, "-c", ckpt, "-o", old, "--quiet", "--key-added", "m") == 0
+    assert "deprecated" in capsys.readouterr().err
+    assert list(ad.read_h5ad(old).obs["m_organ"]) == list(res.obs["m_organ"])
     emb = tmp_path / "emb.h5ad"
     assert run("scmulan", "embed", pbmc_h5ad, "-c", ckpt, "-o", emb, "--embedding", "mean", "--quiet") == 0
     assert ad.read_h5ad(emb).obsm["X_scmulan"].shape == (40, 64)
@@ -131,13 +163,11 @@ def test_generate_prompts_and_errors(ckpt, tmp_path, capsys):
     code = run(
         "scmulan",
         "generate",
+        "organ=Blood,cell_type=T cell",
+        "organ=Heart",
         "-c",
         ckpt,
-        "--prompt",
-        "organ=Blood,cell_type=T cell",
-        "--prompt",
-        "organ=Heart",
-        "--n",
+        "--n-per-prompt",
         "2",
         "--max-new-tokens",
         "16",
@@ -151,36 +181,31 @@ def test_generate_prompts_and_errors(ckpt, tmp_path, capsys):
     res = ad.read_h5ad(out)
     assert res.shape == (4, 2000)
     assert list(res.obs["organ"]) == ["Blood", "Blood", "Heart", "Heart"]
-    assert res.uns["scmulan_generation"]["params"]["seed"] == 3
+    assert res.uns["scmulan"]["generate"]["params"]["seed"] == 3
 
     table = tmp_path / "prompts.csv"
     pd.DataFrame({"organ": ["Blood", "Lung"], "sex": ["M", ""]}).to_csv(table, index=False)
     out2 = tmp_path / "gen2.h5ad"
-    code = run(
-        "scmulan", "generate", "-c", ckpt, "--prompts", table, "--greedy", "--max-new-tokens", "8", "-o", out2
-    )
+    code = run("scmulan", "generate", table, "-c", ckpt, "--greedy", "--max-new-tokens", "8", "-o", out2)
     assert code == 0
     assert ad.read_h5ad(out2).obs["prompt_id"].tolist() == [0, 1]
 
-    assert (
-        run("scmulan", "generate", "-c", ckpt, "--prompt", "organ=Bloood", "-o", tmp_path / "bad.h5ad") == 2
-    )
+    assert run("scmulan", "generate", "organ=Bloood", "-c", ckpt, "-o", tmp_path / "bad.h5ad") == 2
     assert "Bloood" in capsys.readouterr().err
-    assert run("scmulan", "generate", "-c", ckpt, "--prompt", "organBlood", "-o", tmp_path / "bad.h5ad") == 2
+    assert run("scmulan", "generate", "organBlood", "-c", ckpt, "-o", tmp_path / "bad.h5ad") == 2
     assert "category=value" in capsys.readouterr().err
     assert run("scmulan", "generate", "-c", ckpt, "-o", tmp_path / "bad.h5ad") == 2
     assert not (tmp_path / "bad.h5ad").exists()
 
 
 def test_perturb_writes_cells_and_scores(ckpt, pbmc_h5ad, tmp_path, capsys):
-    out, scores = tmp_path / "pert.h5ad", tmp_path / "scores.csv"
+    out = tmp_path / "pert"
     code = run(
         "scmulan",
         "perturb",
+        "organ=Bone marrow,cell_type=Haematopoietic stem cell",
         "-c",
         ckpt,
-        "--prompt",
-        "organ=Bone marrow,cell_type=Haematopoietic stem cell",
         "--genes",
         "SPI1,GATA1",
         "--levels",
@@ -197,17 +222,36 @@ def test_perturb_writes_cells_and_scores(ckpt, pbmc_h5ad, tmp_path, capsys):
         "CD14+ Monocyte,CD19+ B",
         "-o",
         out,
-        "--scores",
-        scores,
         "--quiet",
     )
     assert code == 0
-    table = pd.read_csv(scores)
+    table = pd.read_csv(out / "scores.csv", index_col=0)
     assert list(table["gene"]) == ["control", "SPI1", "SPI1", "GATA1", "GATA1"]
     assert np.abs(table["score_CD14+ Monocyte"]).le(1).all()
-    assert ad.read_h5ad(out).n_obs == 15
-    bad = tmp_path / "bad.h5ad"
-    code = run("scmulan", "perturb", "-c", ckpt, "--prompt", "organ=Blood", "--genes", "NOTAGENE", "-o", bad)
+    assert ad.read_h5ad(out / "cells.h5ad").n_obs == 15
+    assert run("scmulan", "perturb", "organ=Blood", "-c", ckpt, "--genes", "SPI1", "-o", out) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+    screen = tmp_path / "screen"
+    code = run(
+        "scmulan",
+        "perturb-screen",
+        "organ=Blood",
+        "-c",
+        ckpt,
+        "--genes",
+        "SPI1,CD3E",
+        "--n-cells",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "-o",
+        screen,
+        "--quiet",
+    )
+    assert code == 0
+    assert list(pd.read_csv(screen / "scores.csv", index_col=0)["gene"])[-1] == "control"
+    bad = tmp_path / "bad"
+    code = run("scmulan", "perturb", "organ=Blood", "-c", ckpt, "--genes", "NOTAGENE", "-o", bad)
     assert code == 2
     assert not bad.exists()
     assert "NOTAGENE" in capsys.readouterr().err
@@ -232,7 +276,7 @@ def test_train_and_finetune_then_annotate(ckpt, pbmc_h5ad, tmp_path):
             pbmc_h5ad,
             "--out",
             run_dir,
-            "--init-from",
+            "-c",
             ckpt,
             "--expression-weight",
             "2",
@@ -246,11 +290,11 @@ def test_train_and_finetune_then_annotate(ckpt, pbmc_h5ad, tmp_path):
     assert (model / "model.safetensors").is_file()
     out = tmp_path / "ann.h5ad"
     assert (
-        run("scmulan", "annotate", pbmc_h5ad, "-c", model, "-o", out, "--min-confidence", "0", "--quiet") == 0
+        run("scmulan", "predict", pbmc_h5ad, "-c", model, "-o", out, "--min-confidence", "0", "--quiet") == 0
     )
-    from msfm.models.scmulan.inference import load_model
+    import msfm
 
-    vocab = load_model(model, device="cpu").vocab
+    vocab = msfm.scmulan.load(model, device="cpu").vocab
     assert "CD14+ Monocyte" in vocab.categories["cell_type"]  # fine-tuning grew the vocabulary
     labels = set(ad.read_h5ad(out).obs["scmulan_cell_type_fine"])
     assert labels <= set(vocab.categories["cell_type"]) | {"Unclassified"}

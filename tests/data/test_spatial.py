@@ -18,6 +18,9 @@ from msfm.data.spatial import (
     JITTER_HALF_WIDTH_UM,
     VISIUM_SPOT_DIAMETER_UM,
     SpatialCoords,
+    as_spatial_anndata,
+    is_visium_folder,
+    read_positions,
     read_visium,
     spatial_coords,
     visium_positions,
@@ -284,3 +287,43 @@ def test_read_visium_barcodes_not_in_positions(tmp_path):
         MsfmInputError, match=r"1 of 100 barcodes are not in spatial/tissue_positions_list\.csv"
     ):
         read_visium(dst)
+
+
+# ------------------------------------------------------------------------------------ inputs of spatial verbs
+def test_as_spatial_anndata_reads_visium_folders_files_and_objects(tmp_path):
+    assert is_visium_folder(VISIUM)
+    assert not is_visium_folder(tmp_path)
+    a = as_spatial_anndata(VISIUM)
+    assert a.shape == (100, 100)
+    assert a.obsm["spatial"].shape == (100, 2)
+    # The only .h5 matrix of the folder is used when the default name is absent.
+    copy = tmp_path / "outs"
+    shutil.copytree(VISIUM, copy)
+    (copy / "filtered_feature_bc_matrix.h5").rename(copy / "sample.h5")
+    assert as_spatial_anndata(copy).shape == (100, 100)
+    (copy / "sample.h5").unlink()
+    with pytest.raises(MsfmInputError, match=r"0 \.h5 matrices"):
+        as_spatial_anndata(copy)
+    # AnnData objects pass through (or are copied); files go through msfm.data.read.
+    assert as_spatial_anndata(a) is a
+    assert as_spatial_anndata(a, copy=True) is not a
+    a.write_h5ad(tmp_path / "v.h5ad")
+    assert as_spatial_anndata(tmp_path / "v.h5ad").shape == (100, 100)
+    with pytest.raises(MsfmInputError, match="does not exist"):
+        as_spatial_anndata(tmp_path / "missing.h5ad")
+
+
+def test_read_positions(tmp_path):
+    path = tmp_path / "pos.tsv"
+    pd.DataFrame({"X": [1.0, 2.5], "Y": [3.0, 4.0], "note": ["a", "b"]}).to_csv(path, sep="\t", index=False)
+    np.testing.assert_array_equal(read_positions(path), [[1.0, 3.0], [2.5, 4.0]])
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"a": [1.0], "b": [2.0]}).to_csv(bad, index=False)
+    with pytest.raises(MsfmInputError, match=r"region_polygon.*needs columns x and y"):
+        read_positions(bad, what="region_polygon")
+    nan = tmp_path / "nan.csv"
+    nan.write_text("x,y\n1,\n")
+    with pytest.raises(MsfmInputError, match="finite"):
+        read_positions(nan)
+    with pytest.raises(MsfmInputError, match="does not exist"):
+        read_positions(tmp_path / "none.csv")

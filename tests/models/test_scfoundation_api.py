@@ -1,4 +1,5 @@
-"""scFoundation AnnData API end to end: official parity through convert + embed/enhance/gene embeddings."""
+"""scFoundation AnnData API end to end: official parity through convert + embed/enhance/embed_genes, and the shape
+of the public verbs (key_added, reading options, results, old names)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import scipy.sparse as sp
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from msfm.errors import MsfmInputError
-from msfm.models.scfoundation import api
+import msfm
+from msfm.errors import CheckpointError, MsfmInputError
+from msfm.runtime.loaded import Loaded
+
+sf = msfm.scfoundation
 
 FIX = Path(__file__).parents[1] / "fixtures" / "scfoundation"
 ATOL = 1e-4
@@ -40,13 +44,13 @@ def cells(io) -> ad.AnnData:
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
-    return {v: api.convert(FIX / "tiny_official.ckpt", root / v, variant=v) for v in ("cell", "gene", "rde")}
+    return {v: sf.convert(FIX / "tiny_official.ckpt", root / v, variant=v) for v in ("cell", "gene", "rde")}
 
 
 def _embed(cells, ckpt, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # only 3.6% of the panel is present in these 765 genes
-        out = api.embed(cells, ckpt, copy=True, progress=False, use_aliases=False, device="cpu", **kw)
+        out = sf.embed(cells, ckpt, copy=True, progress=False, use_aliases=False, device="cpu", **kw)
     return out
 
 
@@ -63,21 +67,21 @@ def _embed(cells, ckpt, **kw):
 def test_embed_matches_official_outputs(cells, ckpts, io, target, pool, key, batch_size):
     out = _embed(cells, ckpts["cell"], target_depth=target, pool=pool, batch_size=batch_size)
     np.testing.assert_allclose(out.obsm["X_scfoundation"], io[key], atol=ATOL, rtol=ATOL)
-    assert "gene_mapping" in out.uns["scfoundation"]
-    assert out.uns["scfoundation"]["gene_mapping"]["n_mapped"] == 691
+    assert "gene_mapping" in out.uns["scfoundation"]["embed"]
+    assert out.uns["scfoundation"]["embed"]["gene_mapping"]["n_mapped"] == 691
 
 
 def test_embed_aliases_change_input_and_are_reported(cells, ckpts):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = api.embed(cells, ckpts["cell"], copy=True, progress=False, device="cpu")
-    assert out.uns["scfoundation"]["gene_mapping"]["n_mapped"] > 691
+        out = sf.embed(cells, ckpts["cell"], copy=True, progress=False, device="cpu")
+    assert out.uns["scfoundation"]["embed"]["gene_mapping"]["n_mapped"] > 691
 
 
 def test_enhance_matches_official_gene_expression(cells, ckpts, io):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = api.enhance(
+        out = sf.enhance(
             cells,
             ckpts["gene"],
             target_depth="t4",
@@ -103,17 +107,17 @@ def test_enhance_matches_official_gene_expression(cells, ckpts, io):
     assert "counts" not in out.layers or out.layers["counts"] is not None
 
 
-def test_gene_embeddings_memory_and_disk(cells, ckpts, io, tmp_path):
+def test_embed_genes_memory_and_disk(cells, ckpts, io, tmp_path):
     genes = ["CD3E", "LYZ", "ACTB", "A1BG"]
     from msfm.data import GenePanel
 
     idx = [GenePanel.scfoundation().symbols.index(g) for g in genes]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        arr = api.gene_embeddings(
+        mem = sf.embed_genes(
             cells, ckpts["gene"], genes=genes, cells=[1, 0], progress=False, use_aliases=False, device="cpu"
         )
-        path = api.gene_embeddings(
+        disk = sf.embed_genes(
             cells,
             ckpts["gene"],
             genes=genes,
@@ -124,22 +128,39 @@ def test_gene_embeddings_memory_and_disk(cells, ckpts, io, tmp_path):
             device="cpu",
         )
     expected = io["gene_emb.t4"][:, idx]
-    np.testing.assert_allclose(arr, expected[[1, 0]], atol=ATOL, rtol=ATOL)
+    assert isinstance(mem, sf.GeneEmbeddings)
+    np.testing.assert_allclose(mem.embeddings, expected[[1, 0]], atol=ATOL, rtol=ATOL)
+    assert mem.cells == (cells.obs_names[1], cells.obs_names[0])
+    assert mem.genes == tuple(genes)
     import h5py
 
-    with h5py.File(path) as h5:
+    assert disk.embeddings is None
+    assert disk.path == tmp_path / "g.h5"
+    with h5py.File(disk.path) as h5:
         np.testing.assert_allclose(h5["embeddings"][:], expected, atol=ATOL, rtol=ATOL)
         assert [g.decode() for g in h5["genes"][:]] == genes
+    np.testing.assert_allclose(disk.array(), expected, atol=ATOL, rtol=ATOL)
+    # the file was written under a temporary name and renamed: nothing else is left in the folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.h5"]
+    with pytest.raises(MsfmInputError, match="exists"):
+        sf.embed_genes(cells, ckpts["gene"], genes=genes, out=tmp_path / "g.h5", progress=False)
+    # Result.save writes the array and the plain fields
+    saved = mem.save(tmp_path / "saved")
+    np.testing.assert_array_equal(np.load(saved / "embeddings.npy"), mem.embeddings)
+    plain = json.loads((saved / "result.json").read_text())
+    assert plain["type"] == "GeneEmbeddings"
+    assert plain["genes"] == genes
+    assert plain["params"]["target_depth"] == "t4"
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_gene_embeddings_errors(cells, ckpts):
+def test_embed_genes_errors(cells, ckpts):
     with pytest.raises(MsfmInputError, match="not in the model's gene panel"):
-        api.gene_embeddings(cells, ckpts["gene"], genes=["NOT_A_GENE"], progress=False)
+        sf.embed_genes(cells, ckpts["gene"], genes=["NOT_A_GENE"], progress=False)
     with pytest.raises(MsfmInputError, match=r"out='file\.h5'"):
-        api.gene_embeddings(cells, ckpts["gene"], progress=False, max_in_memory_gb=0.0001)
+        sf.embed_genes(cells, ckpts["gene"], progress=False, max_in_memory_gb=0.0001)
     with pytest.raises(MsfmInputError, match="not found in obs_names"):
-        api.gene_embeddings(cells, ckpts["gene"], genes=["CD3E"], cells=["nope"], progress=False)
+        sf.embed_genes(cells, ckpts["gene"], genes=["CD3E"], cells=["nope"], progress=False)
 
 
 def test_rde_variant_differs_only_in_head(ckpts):
@@ -168,7 +189,7 @@ def test_embed_never_touches_counts_and_copy_semantics(cells, ckpts):
     before = a.layers["counts"].toarray().copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert api.embed(a, ckpts["cell"], progress=False) is None
+        assert sf.embed(a, ckpts["cell"], progress=False) is a
     np.testing.assert_array_equal(a.layers["counts"].toarray(), before)
     assert "X_scfoundation" in a.obsm
 
@@ -177,19 +198,19 @@ def test_embed_bad_inputs(cells, ckpts):
     neg = cells.copy()
     neg.X = sp.csr_matrix(-np.abs(neg.X.toarray()))
     with pytest.raises(MsfmInputError, match="negative"):
-        api.embed(neg, ckpts["cell"], progress=False)
+        sf.embed(neg, ckpts["cell"], progress=False)
     norm = cells.copy()
     norm.X = sp.csr_matrix(np.log1p(norm.X.toarray()))
     with pytest.raises(MsfmInputError, match="pre_normalized"):
-        api.embed(norm, ckpts["cell"], progress=False)
+        sf.embed(norm, ckpts["cell"], progress=False)
     with pytest.raises(MsfmInputError, match="pool"):
-        api.embed(cells, ckpts["cell"], pool="mean", progress=False)
+        sf.embed(cells, ckpts["cell"], pool="mean", progress=False)
     with pytest.raises(MsfmInputError):
-        api.embed(cells, ckpts["cell"], target_depth="x9", progress=False)
+        sf.embed(cells, ckpts["cell"], target_depth="x9", progress=False)
     mouse = cells.copy()
     mouse.var_names = [f"Gm{i}" for i in range(mouse.n_vars)]
     with pytest.raises(MsfmInputError, match="panel"):
-        api.embed(mouse, ckpts["cell"], progress=False)
+        sf.embed(mouse, ckpts["cell"], progress=False)
 
 
 def test_pre_normalized_warns_and_runs(cells, ckpts):
@@ -197,35 +218,123 @@ def test_pre_normalized_warns_and_runs(cells, ckpts):
     x = norm.X.toarray()
     norm.X = sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4))
     with pytest.warns(UserWarning, match="pre_normalized=True"):
-        api.embed(norm, ckpts["cell"], pre_normalized=True, progress=False)
+        sf.embed(norm, ckpts["cell"], pre_normalized=True, progress=False)
     assert np.isfinite(norm.obsm["X_scfoundation"]).all()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_embed_file_streams_backed_h5ad_and_matches_memory(cells, ckpts, io, tmp_path):
+def test_embed_out_streams_backed_h5ad_and_matches_memory(cells, ckpts, io, tmp_path):
     src = tmp_path / "cells.h5ad"
     cells.write_h5ad(src)
     out = tmp_path / "out.h5ad"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        api.embed_file(src, out, ckpts["cell"], batch_size=4, progress=False, use_aliases=False, device="cpu")
-    res = ad.read_h5ad(out)
-    np.testing.assert_allclose(res.obsm["X_scfoundation"], io["cell_emb.all.t4"], atol=ATOL, rtol=ATOL)
-    assert res.obs["scfoundation_zero_count"].dtype == bool
-    assert json.loads(res.uns["scfoundation"])["gene_mapping"]["n_mapped"] == 691
-    np.testing.assert_array_equal(res.X.toarray(), cells.X.toarray())  # input data carried over unchanged
+    res = sf.embed(src, ckpts["cell"], out=out, batch_size=4, progress=False, use_aliases=False, device="cpu")
+    try:
+        assert res.isbacked
+        assert res.filename == out
+        np.testing.assert_allclose(res.obsm["X_scfoundation"], io["cell_emb.all.t4"], atol=ATOL, rtol=ATOL)
+        assert res.obs["scfoundation_zero_count"].dtype == bool
+        record = res.uns["scfoundation"]["embed"]
+        assert record["gene_mapping"]["n_mapped"] == 691
+        assert record["params"]["streamed"]
+        np.testing.assert_array_equal(
+            res.X[:].toarray(), cells.X.toarray()
+        )  # input data carried over unchanged
+    finally:
+        res.file.close()
     with pytest.raises(MsfmInputError, match="exists"):
-        api.embed_file(src, out, ckpts["cell"], progress=False)
+        sf.embed(src, ckpts["cell"], out=out, progress=False)
     with pytest.raises(MsfmInputError):
-        api.embed_file(src, src, ckpts["cell"], overwrite=True, progress=False)
+        sf.embed(src, ckpts["cell"], out=src, overwrite=True, progress=False)
+    # a path without out= is read into memory; an AnnData with out= is written as well as returned
+    mem = sf.embed(src, ckpts["cell"], batch_size=4, progress=False, use_aliases=False, device="cpu")
+    assert not mem.isbacked
+    np.testing.assert_allclose(mem.obsm["X_scfoundation"], io["cell_emb.all.t4"], atol=ATOL, rtol=ATOL)
+    written = sf.embed(
+        cells, ckpts["cell"], copy=True, out=tmp_path / "mem.h5ad", progress=False, device="cpu"
+    )
+    np.testing.assert_allclose(
+        ad.read_h5ad(tmp_path / "mem.h5ad").obsm["X_scfoundation"], written.obsm["X_scfoundation"]
+    )
 
 
 def test_convert_errors(tmp_path, ckpts):
     with pytest.raises(MsfmInputError, match="exists"):
-        api.convert(FIX / "tiny_official.ckpt", ckpts["cell"], variant="cell")
-    from msfm.errors import CheckpointError
-
+        sf.convert(FIX / "tiny_official.ckpt", ckpts["cell"], variant="cell")
     with pytest.raises(MsfmInputError, match="variant"):
-        api.convert(FIX / "tiny_official.ckpt", tmp_path / "x", variant="nope")
+        sf.convert(FIX / "tiny_official.ckpt", tmp_path / "x", variant="nope")
     with pytest.raises(CheckpointError, match="convert"):
-        api.embed(ad.AnnData(np.ones((2, 2))), FIX / "tiny_official.ckpt", progress=False)
+        sf.embed(ad.AnnData(np.ones((2, 2))), FIX / "tiny_official.ckpt", progress=False)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_key_added_names_every_output_and_keeps_both_records(cells, ckpts):
+    a = cells.copy()
+    sf.embed(a, ckpts["gene"], key_added="sf", progress=False, use_aliases=False, device="cpu")
+    sf.enhance(
+        a, ckpts["gene"], key_added="sf", target_depth="t4", progress=False, use_aliases=False, device="cpu"
+    )
+    assert "X_sf" in a.obsm
+    assert "sf_zero_count" in a.obs
+    assert "sf_enhanced" in a.layers
+    assert "sf_enhanced_mapped" in a.var
+    assert set(a.uns["sf"]) == {"embed", "enhance"}
+    assert a.uns["sf"]["enhance"]["params"]["target_depth"] == "t4"
+    assert "X_scfoundation" not in a.obsm
+    assert "scfoundation" not in a.uns
+    with pytest.raises(MsfmInputError, match="key_added='sf'"):
+        sf.embed(a, ckpts["gene"], key_added="X_sf", progress=False)
+
+
+def test_read_options_typo_says_did_you_mean(cells, ckpts):
+    with pytest.raises(MsfmInputError, match="did you mean 'layer'"):
+        sf.embed(cells, ckpts["cell"], layr="counts", progress=False)
+    with pytest.raises(MsfmInputError, match="did you mean 'batch_size'"):
+        sf.enhance(cells, ckpts["cell"], batch_sise=2, progress=False)
+    with pytest.raises(MsfmInputError, match="did you mean 'genes'"):
+        sf.embed_genes(cells, ckpts["cell"], gene=["CD3E"], progress=False)
+    with pytest.raises(MsfmInputError, match="did you mean 'species'"):
+        sf.predict(cells, ckpts["cell"], specis="mouse", progress=False)
+
+
+def test_load_returns_the_shared_loaded_type(ckpts):
+    loaded = sf.load(ckpts["cell"], device="cpu")
+    assert isinstance(loaded, Loaded)
+    assert loaded.family == "scfoundation"
+    assert len(loaded.vocab) == loaded.config.num_genes == 19264
+    assert loaded.extra["variant"] == "cell"
+    assert loaded.path == ckpts["cell"]
+    assert sf.load(loaded, device="cpu") is loaded  # a Loaded passes through
+    assert sf.tokenizer_for(loaded).num_genes == loaded.config.num_genes
+    with pytest.raises(CheckpointError, match="classifier"):
+        sf.predict(ad.AnnData(np.ones((2, 2))), loaded, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_old_names_warn_and_still_work(cells, ckpts, io, tmp_path):
+    with pytest.warns(DeprecationWarning, match=r"msfm\.scfoundation\.load"):
+        loaded = sf.load_model(ckpts["gene"], device="cpu")
+    assert isinstance(loaded, Loaded)
+    with pytest.warns(DeprecationWarning, match="embed_genes"):
+        arr = sf.gene_embeddings(cells, loaded, genes=["CD3E"], progress=False, use_aliases=False)
+    assert isinstance(arr, np.ndarray)
+    assert arr.shape == (6, 1, 16)
+    src = tmp_path / "cells.h5ad"
+    cells.write_h5ad(src)
+    with pytest.warns(DeprecationWarning, match=r"embed\(data, checkpoint, out=\.\.\.\)"):
+        path = sf.embed_file(src, tmp_path / "o.h5ad", ckpts["cell"], progress=False, use_aliases=False)
+    np.testing.assert_allclose(ad.read_h5ad(path).obsm["X_scfoundation"], io["cell_emb.all.t4"], atol=ATOL)
+    with pytest.warns(DeprecationWarning, match="Loaded"):
+        assert sf.LoadedModel is Loaded
+
+
+def test_load_refuses_a_damaged_config_and_a_non_path(ckpts, tmp_path):
+    import shutil
+
+    bad = shutil.copytree(ckpts["cell"], tmp_path / "bad")
+    doc = json.loads((bad / "config.json").read_text())
+    doc["config"]["encoder_dim"] = 33
+    (bad / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"config\.json is damaged"):
+        sf.load(bad, device="cpu")
+    with pytest.raises(MsfmInputError, match="got int"):
+        sf.load(3)

@@ -1,4 +1,5 @@
-"""scFoundation pretraining and fine-tuning through the engine, on real bundled cells."""
+"""scFoundation pretraining (`train`) and fine-tuning (`fit_classifier`, `predict`) through the engine, on real
+bundled cells."""
 
 from __future__ import annotations
 
@@ -15,14 +16,12 @@ import torch
 
 import msfm
 from msfm.errors import MsfmInputError
-from msfm.models.scfoundation.train import (
-    PretrainRunConfig,
-    fit_classifier,
-    predict_cell_types,
-    pretrain,
-    resolve_panel,
-)
+from msfm.models.scfoundation.pretraining import ScFoundationTrainConfig, resolve_panel
 from msfm.runtime.checkpoint import load_checkpoint
+from msfm.runtime.config import build_settings
+from msfm.runtime.results import TrainResult
+
+sf = msfm.scfoundation
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -39,7 +38,7 @@ def pbmc_file(pbmc, tmp_path_factory) -> Path:
     return path
 
 
-def _cfg(steps: int, **extra) -> PretrainRunConfig:
+def _cfg(steps: int, **extra) -> dict:
     base = {
         "max_steps": steps,
         "batch_size": 4,
@@ -51,9 +50,10 @@ def _cfg(steps: int, **extra) -> PretrainRunConfig:
         "gene_panel": "data",
         "block_size": 64,
         "log_every_n_steps": 1,
+        "progress_bar": False,
     }
     base.update(extra)
-    return PretrainRunConfig().with_overrides(base, progress_bar=False)
+    return base
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -61,7 +61,12 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_pretrain_streams_backed_file_and_writes_checkpoint(pbmc_file, tmp_path):
-    model_dir = pretrain([pbmc_file], tmp_path / "run", _cfg(4))
+    result = sf.train(pbmc_file, tmp_path / "run", **_cfg(4))
+    assert isinstance(result, TrainResult)
+    assert result.run_dir == tmp_path / "run"
+    assert result.metrics["global_step"] == 4
+    assert np.isfinite(result.metrics["train/loss"])
+    model_dir = result.checkpoint
     ckpt = load_checkpoint(model_dir, family="scfoundation")
     assert ckpt.meta["extra"]["global_step"] == 4
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
@@ -69,7 +74,7 @@ def test_pretrain_streams_backed_file_and_writes_checkpoint(pbmc_file, tmp_path)
     assert len(ckpt.gene_panel) == ckpt.config["num_genes"] < 19264
     # the exported model embeds real cells
     a = ad.read_h5ad(pbmc_file)[:16].copy()
-    msfm.scfoundation.embed(a, model_dir, progress=False)
+    sf.embed(a, result, progress=False)  # a TrainResult is a checkpoint
     assert np.isfinite(a.obsm["X_scfoundation"]).all()
 
 
@@ -87,11 +92,11 @@ class _CrashAt(lightning.Callback):
 
 
 def test_resume_after_kill_equals_uninterrupted(pbmc_file, tmp_path):
-    pretrain([pbmc_file], tmp_path / "a", _cfg(6))
+    sf.train([pbmc_file], tmp_path / "a", **_cfg(6))
     with pytest.raises(_Crash):  # the process dies after step 5; the last checkpoint is from step 4
-        pretrain([pbmc_file], tmp_path / "b", _cfg(6), callbacks=[_CrashAt(5)])
+        sf.train([pbmc_file], tmp_path / "b", callbacks=[_CrashAt(5)], **_cfg(6))
     assert load_checkpoint(tmp_path / "b" / "model").meta["extra"]["global_step"] == 4
-    pretrain([pbmc_file], tmp_path / "b", _cfg(6))  # restarted with the same command
+    sf.train([pbmc_file], tmp_path / "b", **_cfg(6))  # restarted with the same command
     assert load_checkpoint(tmp_path / "b" / "model").meta["extra"]["global_step"] == 6
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert wa.keys() == wb.keys()
@@ -100,15 +105,13 @@ def test_resume_after_kill_equals_uninterrupted(pbmc_file, tmp_path):
 
 
 def test_pretrain_full_panel_one_step(pbmc, tmp_path):
-    model_dir = pretrain(
-        [pbmc[:8].copy()], tmp_path / "run", _cfg(1, gene_panel="scfoundation", batch_size=2)
-    )
-    assert load_checkpoint(model_dir).config["num_genes"] == 19264
+    result = sf.train([pbmc[:8].copy()], tmp_path / "run", **_cfg(1, gene_panel="scfoundation", batch_size=2))
+    assert load_checkpoint(result.checkpoint).config["num_genes"] == 19264
 
 
 def test_pretrain_loss_decreases(pbmc, tmp_path):
     run = tmp_path / "run"
-    pretrain([pbmc], run, _cfg(30, batch_size=8, lr=3e-3, checkpoint_every_n_steps=30))
+    sf.train(pbmc, run, **_cfg(30, batch_size=8, lr=3e-3, checkpoint_every_n_steps=30))
     import pandas as pd
 
     df = pd.read_csv(run / "metrics.csv").dropna(subset=["train/loss"])
@@ -116,18 +119,56 @@ def test_pretrain_loss_decreases(pbmc, tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
-def test_pretrain_config_errors(tmp_path, pbmc):
-    with pytest.raises(MsfmInputError, match="Unknown override"):
-        PretrainRunConfig().with_overrides({"nope": 1})
+def test_train_config_errors(tmp_path, pbmc):
+    with pytest.raises(MsfmInputError, match="Unknown ScFoundationTrainConfig setting 'nope'"):
+        sf.train(pbmc, tmp_path / "x", nope=1)
+    with pytest.raises(MsfmInputError, match="Did you mean 'max_steps'"):
+        build_settings(ScFoundationTrainConfig, overrides={"max_step": 1})
     with pytest.raises(MsfmInputError, match="gene-list"):
         resolve_panel("missing_file.txt", [pbmc])
     with pytest.raises(MsfmInputError, match="No training data"):
-        pretrain([], tmp_path / "x", _cfg(1))
+        sf.train([], tmp_path / "x", **_cfg(1))
+    with pytest.raises(MsfmInputError, match="raw counts"):
+        sf.train(pbmc, tmp_path / "x", pre_normalized=True)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("preset: scfoundation-tiny\nbatch_size: 3\ntrainer:\n  max_steps: 2\n")
-    cfg = PretrainRunConfig.from_file(cfg_file)
-    assert cfg.batch_size == 3
-    assert cfg.trainer.max_steps == 2
+    cfg = build_settings(ScFoundationTrainConfig, file=cfg_file, overrides={"lr": 0.5, "layer": "counts"})
+    assert (cfg.batch_size, cfg.trainer.max_steps, cfg.optim.lr, cfg.read.layer) == (3, 2, 0.5, "counts")
+    assert not (tmp_path / "x").exists()  # nothing is written before the settings and data are checked
+
+
+def test_train_from_checkpoint_starts_from_its_weights(pbmc, tmp_path):
+    small = pbmc[:40].copy()
+    first = sf.train(small, tmp_path / "a", **_cfg(2))
+    start = load_checkpoint(first.checkpoint).state_dict
+    # one step at a negligible learning rate: the weights stay where the checkpoint left them
+    cont = sf.train(small, tmp_path / "b", checkpoint=first, **_cfg(1, lr=1e-12, gene_panel=None))
+    ckpt = load_checkpoint(cont.checkpoint)
+    assert ckpt.meta["extra"]["init_checkpoint"] == str(first.checkpoint)
+    assert ckpt.gene_panel == load_checkpoint(first.checkpoint).gene_panel
+    for k, v in ckpt.state_dict.items():
+        torch.testing.assert_close(v, start[k], atol=1e-6, rtol=0, msg=k)
+    with pytest.raises(MsfmInputError, match="encoder_dim: checkpoint 64 vs settings 32"):
+        sf.train(
+            small, tmp_path / "c", checkpoint=first, preset="scfoundation-fixture", **_cfg(1, gene_panel=None)
+        )
+    with pytest.raises(MsfmInputError, match="another model"):
+        sf.train(small, tmp_path / "c", checkpoint=first, model_overrides={"encoder_depth": 3}, **_cfg(1))
+    with pytest.raises(MsfmInputError, match="19264 genes"):
+        sf.train(small, tmp_path / "c", checkpoint=first, **_cfg(1, gene_panel="scfoundation"))
+
+
+def test_old_pretrain_names_warn_and_still_work(pbmc, tmp_path):
+    with pytest.warns(DeprecationWarning, match="ScFoundationTrainConfig"):
+        old_config = sf.PretrainRunConfig
+    cfg = old_config(layer="counts").with_overrides(_cfg(1, batch_size=2))
+    assert cfg.read.layer == "counts"
+    assert cfg.trainer.max_steps == 1
+    assert cfg.optim.lr == 1e-3
+    with pytest.warns(DeprecationWarning, match=r"msfm\.scfoundation\.train"):
+        model_dir = sf.pretrain([pbmc[:8].copy()], tmp_path / "run", cfg)
+    assert model_dir == tmp_path / "run" / "model"
+    assert (model_dir / "model.safetensors").is_file()
 
 
 @pytest.mark.distributed
@@ -137,11 +178,10 @@ def test_pretrain_two_process_ddp_cpu(pbmc_file, tmp_path):
     script.write_text(
         "import sys, warnings\n"
         "warnings.simplefilter('ignore')\n"
-        "from msfm.models.scfoundation.train import PretrainRunConfig, pretrain\n"
-        "cfg = PretrainRunConfig().with_overrides({'max_steps': 3, 'batch_size': 2, 'accelerator': 'cpu',\n"
-        "    'devices': 2, 'strategy': 'ddp', 'gene_panel': 'data', 'checkpoint_every_n_steps': 3,\n"
-        "    'warmup_steps': 1}, progress_bar=False)\n"
-        "pretrain([sys.argv[1]], sys.argv[2], cfg)\n"
+        "import msfm\n"
+        "msfm.scfoundation.train(sys.argv[1], sys.argv[2], max_steps=3, batch_size=2, accelerator='cpu',\n"
+        "    devices='2', strategy='ddp', gene_panel='data', checkpoint_every_n_steps=3, warmup_steps=1,\n"
+        "    progress_bar=False)\n"
     )
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONWARNINGS": "ignore"}
     src = str(Path(msfm.__file__).parents[1])
@@ -159,8 +199,8 @@ def test_pretrain_two_process_ddp_cpu(pbmc_file, tmp_path):
 
 
 def test_finetune_and_predict_on_real_labels(pbmc, tmp_path):
-    from msfm.models.scfoundation.api import preprocessing_record
     from msfm.models.scfoundation.model import ScFoundation
+    from msfm.models.scfoundation.provenance import preprocessing_record
     from msfm.registry import preset_config
     from msfm.runtime.checkpoint import save_checkpoint
 
@@ -176,7 +216,7 @@ def test_finetune_and_predict_on_real_labels(pbmc, tmp_path):
         preprocessing=preprocessing_record(),
     )
     train = pbmc[:200].copy()
-    clf = fit_classifier(
+    clf = sf.fit_classifier(
         train,
         backbone,
         labels_key="cell_type",
@@ -188,13 +228,32 @@ def test_finetune_and_predict_on_real_labels(pbmc, tmp_path):
         accelerator="cpu",
         progress=False,
     )
-    predict_cell_types(train, clf, device="cpu")
+    assert isinstance(clf, TrainResult)
+    assert clf.checkpoint == tmp_path / "clf"
+    assert clf.run_dir.is_dir()
+    assert sf.predict(train, clf, device="cpu", progress=False) is train
     pred = train.obs["scfoundation_cell_type"].astype(str).to_numpy()
     truth = train.obs["cell_type"].astype(str).to_numpy()
     majority = max(np.mean(truth == c) for c in set(truth))
     assert np.mean(pred == truth) > majority + 0.1  # learns beyond the majority class on its training cells
-    conf = train.obs["scfoundation_cell_type_confidence"].to_numpy()
+    conf = train.obs["scfoundation_confidence"].to_numpy()
     assert ((conf > 0) & (conf <= 1)).all()
-    assert train.obsm["scfoundation_cell_type_proba"].shape == (200, len(set(truth)))
+    probs = train.obsm["scfoundation_probs"]
+    assert probs.shape == (200, len(set(truth)))
+    np.testing.assert_allclose(probs.max(1), conf)
+    assert train.uns["scfoundation"]["predict"]["classes"] == sorted(set(truth))
+    # a classifier is also a checkpoint for embed (its fine-tuned backbone) and loads as one Loaded
+    loaded = sf.load(clf, device="cpu")
+    assert loaded.family == "scfoundation"
+    assert loaded.config.labels_key == "cell_type"
+    emb = sf.embed(train[:8].copy(), loaded, progress=False)
+    assert emb.obsm["X_scfoundation"].shape == (8, 4 * cfg.encoder_dim)
+    # the old name keeps its keys for one release
+    with pytest.warns(DeprecationWarning, match=r"msfm\.scfoundation\.predict"):
+        sf.predict_cell_types(train, clf, device="cpu", progress=False)
+    assert {"scfoundation_cell_type", "scfoundation_cell_type_confidence"} <= set(train.obs)
+    assert "scfoundation_cell_type_proba" in train.obsm
     with pytest.raises(MsfmInputError, match="labels_key"):
-        fit_classifier(train, backbone, labels_key="nope", out=tmp_path / "x")
+        sf.fit_classifier(train, backbone, labels_key="nope", out=tmp_path / "x")
+    with pytest.raises(MsfmInputError, match="exists"):
+        sf.fit_classifier(train, backbone, labels_key="cell_type", out=tmp_path / "clf")

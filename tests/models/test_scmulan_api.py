@@ -1,7 +1,8 @@
-"""scMulan task API on AnnData: official parity through the public functions, constraints, generation."""
+"""scMulan verbs on AnnData (msfm.scmulan): official parity through the public functions, constraints, generation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,13 +14,16 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file
 
+import msfm
 from msfm.data import CellSource
 from msfm.errors import CheckpointError, MsfmInputError
-from msfm.models.scmulan import api
+from msfm.models.scmulan import reference, sampling
 from msfm.models.scmulan.decoding import DecodeOptions
-from msfm.models.scmulan.inference import LoadedScMulan, load_model
 from msfm.models.scmulan.model import ScMulan
+from msfm.runtime.loaded import Loaded
 from msfm.tokenizers.cell_sentence import GENERATE, CellSentenceVocab, Sentences
+
+sm = msfm.scmulan
 
 FIX = Path(__file__).parents[1] / "fixtures" / "scmulan"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -32,12 +36,12 @@ def io() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory) -> Path:
-    return api.convert(FIX / "tiny_official.pt", tmp_path_factory.mktemp("scmulan") / "ckpt")
+    return sm.convert(FIX / "tiny_official.pt", tmp_path_factory.mktemp("scmulan") / "ckpt")
 
 
 @pytest.fixture(scope="module")
-def loaded(ckpt_dir) -> LoadedScMulan:
-    return load_model(ckpt_dir, device="cpu")
+def loaded(ckpt_dir) -> Loaded:
+    return sm.load(ckpt_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +80,11 @@ def test_convert_records_provenance_and_refuses_overwrite(ckpt_dir, tmp_path):
     assert extra["official_sha256"] == "d9f87d58ea43bb1d90473a230d894bf898383c95030f80d43183ed18fb9339e3"
     assert extra["vocabulary_sha256"] == CellSentenceVocab.official().sha256()
     with pytest.raises(MsfmInputError, match="already exists"):
-        api.convert(FIX / "tiny_official.pt", ckpt_dir)
-    again = api.convert(FIX / "tiny_official.pt", tmp_path / "c", overwrite=False)
+        sm.convert(FIX / "tiny_official.pt", ckpt_dir)
+    again = sm.convert(FIX / "tiny_official.pt", tmp_path / "c", overwrite=False)
     assert (again / "model.safetensors").is_file()
     with pytest.raises(CheckpointError, match="does not exist"):
-        api.convert(tmp_path / "missing.pt", tmp_path / "d")
+        sm.convert(tmp_path / "missing.pt", tmp_path / "d")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,7 +92,7 @@ def test_convert_records_provenance_and_refuses_overwrite(ckpt_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("batch_size", [1, 6])
 def test_annotate_release_mode_reproduces_official(cells, loaded, io, vocab, batch_size):
-    out = api.annotate(
+    out = sm.predict(
         cells,
         loaded,
         constrained=False,
@@ -109,7 +113,7 @@ def test_annotate_release_mode_reproduces_official(cells, loaded, io, vocab, bat
 
 
 def test_annotate_release_mode_with_kv_repeat_mask(cells, loaded, io, vocab):
-    out = api.annotate(
+    out = sm.predict(
         cells,
         loaded,
         constrained=False,
@@ -141,15 +145,15 @@ def test_raw_counts_follow_the_release_normalisation(pbmc, loaded, vocab):
     sc.pp.normalize_total(release, target_sum=1e4)
     sc.pp.log1p(release)
     kwargs = {"min_confidence": 0.0, "constrained": False, "progress": False, "copy": True}
-    from_counts = api.annotate(cells, loaded, **kwargs)
-    from_release_input = api.annotate(release, loaded, pre_normalized=True, **kwargs)
-    assert from_counts.uns["scmulan"]["annotate"]["input"]["kind"] == "counts"
+    from_counts = sm.predict(cells, loaded, **kwargs)
+    from_release_input = sm.predict(release, loaded, pre_normalized=True, **kwargs)
+    assert from_counts.uns["scmulan"]["predict"]["cell_type"]["input"]["kind"] == "counts"
     assert list(from_counts.obs["scmulan_generated"]) == list(from_release_input.obs["scmulan_generated"])
     np.testing.assert_allclose(
         from_counts.obsm["X_scmulan"], from_release_input.obsm["X_scmulan"], atol=1e-5, rtol=1e-5
     )
     # The test can fail: the total over the vocabulary genes alone gives other levels for most cells.
-    tok = loaded.tokenizer()
+    tok = sm.tokenizer_for(loaded)
     mapping = harmonize_genes(cells.var, GenePanel.from_symbols(vocab.genes), min_panel_fraction=0.0)
     vocab_counts = mapping.apply(sp.csr_matrix(cells.layers["counts"], dtype=np.float32))
     wrong = tok.binned_matrix(log1p_cp10k(vocab_counts)).toarray()
@@ -161,9 +165,10 @@ def test_raw_counts_follow_the_release_normalisation(pbmc, loaded, vocab):
 def test_predict_organ_release_mode_reproduces_official(cells, loaded, io, vocab, repeat_mask, variant):
     results = []
     for batch_size in (1, 6):
-        out = api.predict_organ(
+        out = sm.predict(
             cells,
             loaded,
+            target="organ",
             constrained=False,
             repeat_mask=repeat_mask,
             pre_normalized=True,
@@ -186,12 +191,12 @@ def test_predict_organ_release_mode_reproduces_official(cells, loaded, io, vocab
 def test_embedding_alternatives_match_official_hidden_states(cells, loaded, io):
     lengths = io["annot.prompt_len"].numpy()
     hidden = io["annot.fwd.hidden"].numpy()
-    task = api.embed(cells, loaded, embedding="task", pre_normalized=True, progress=False, copy=True)
-    mean = api.embed(cells, loaded, embedding="mean", pre_normalized=True, progress=False, copy=True)
+    task = sm.embed(cells, loaded, embedding="task", pre_normalized=True, progress=False, copy=True)
+    mean = sm.embed(cells, loaded, embedding="mean", pre_normalized=True, progress=False, copy=True)
     for i, n in enumerate(lengths):
         np.testing.assert_allclose(task.obsm["X_scmulan"][i], hidden[i, n - 1], atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(mean.obsm["X_scmulan"][i], hidden[i, :n].mean(0), atol=1e-4, rtol=1e-4)
-    official = api.embed(
+    official = sm.embed(
         cells, loaded, constrained=False, pre_normalized=True, progress=False, copy=True, key_added="mulan"
     )
     np.testing.assert_allclose(official.obsm["X_mulan"], io["annot.embedding"].numpy(), atol=1e-4, rtol=1e-4)
@@ -203,7 +208,7 @@ def test_embedding_alternatives_match_official_hidden_states(cells, loaded, io):
 # ----------------------------------------------------------------------------------------------------------
 def test_constrained_annotation_labels_and_confidence(cells, loaded, io, vocab):
     before_x = cells.X.copy()
-    out = api.annotate(cells, loaded, min_confidence=0.0, pre_normalized=True, progress=False, copy=True)
+    out = sm.predict(cells, loaded, min_confidence=0.0, pre_normalized=True, progress=False, copy=True)
     assert out is not cells
     assert "scmulan_cell_type" not in cells.obs  # copy=True leaves the input alone
     assert (cells.X != before_x).nnz == 0
@@ -213,7 +218,7 @@ def test_constrained_annotation_labels_and_confidence(cells, loaded, io, vocab):
     conf = out.obs["scmulan_confidence"].to_numpy()
     assert np.all((conf > 0) & (conf <= 1))
     assert out.obsm["X_scmulan"].shape == (6, loaded.config.dim)
-    record = out.uns["scmulan"]["annotate"]
+    record = out.uns["scmulan"]["predict"]["cell_type"]
     assert record["params"]["constrained"] is True or record["params"]["constrained"] == 1
     assert record["gene_mapping"]["n_mapped"] == 2000
     assert record["checkpoint"]["official_file"] == "tiny_official.pt"
@@ -239,7 +244,7 @@ def test_constrained_annotation_labels_and_confidence(cells, loaded, io, vocab):
 
 
 def test_min_confidence_and_empty_cells(cells, loaded):
-    strict = api.annotate(cells, loaded, min_confidence=1.01, pre_normalized=True, progress=False, copy=True)
+    strict = sm.predict(cells, loaded, min_confidence=1.01, pre_normalized=True, progress=False, copy=True)
     assert set(strict.obs["scmulan_cell_type"]) == {"Unclassified"}
     assert set(strict.obs["scmulan_cell_type_fine"]) == {"Unclassified"}
 
@@ -248,20 +253,20 @@ def test_min_confidence_and_empty_cells(cells, loaded):
     cells.X = x.tocsr()
     cells.X.eliminate_zeros()
     with pytest.warns(UserWarning, match="1 cells express none"):
-        api.annotate(cells, loaded, min_confidence=0.0, pre_normalized=True, progress=False)
+        sm.predict(cells, loaded, min_confidence=0.0, pre_normalized=True, progress=False)
     assert cells.obs["scmulan_cell_type"].iloc[2] == "Unclassified"
     assert cells.obs["scmulan_cell_type_fine"].iloc[2] == "Unclassified"
     assert cells.obs["scmulan_confidence"].iloc[2] == 0.0
     assert not cells.obsm["X_scmulan"][2].any()
     assert cells.obs["scmulan_confidence"].drop(index="cell2").gt(0).all()
-    assert cells.uns["scmulan"]["annotate"]["params"]["n_empty_cells"] == 1
+    assert cells.uns["scmulan"]["predict"]["cell_type"]["params"]["n_empty_cells"] == 1
 
 
 def test_annotate_counts_input_is_not_modified_and_uns_writes(pbmc, loaded, tmp_path):
     a = pbmc[:24].copy()
     x0, counts0, var0 = a.X.copy(), a.layers["counts"].copy(), a.var.copy()
-    api.annotate(a, loaded, progress=False, min_confidence=0.0, smoothing=True, n_neighbors=5, batch_size=7)
-    api.predict_organ(a, loaded, progress=False)
+    sm.predict(a, loaded, progress=False, min_confidence=0.0, smoothing=True, n_neighbors=5, batch_size=7)
+    assert sm.predict(a, loaded, target="organ", progress=False) is a
     assert (a.X != x0).nnz == 0
     assert (a.layers["counts"] != counts0).nnz == 0
     pd.testing.assert_frame_equal(a.var, var0)
@@ -269,16 +274,17 @@ def test_annotate_counts_input_is_not_modified_and_uns_writes(pbmc, loaded, tmp_
         assert col in a.obs
     assert set(a.obs["scmulan_organ"]) <= set(loaded.vocab.categories["organ"])
     assert set(a.obs["scmulan_region"]) <= set(loaded.vocab.categories["region"])
-    assert set(a.uns["scmulan"]) == {"annotate", "smooth_labels", "predict_organ"}
-    assert a.uns["scmulan"]["annotate"]["input"]["kind"] == "counts"
+    assert set(a.uns["scmulan"]) == {"predict", "smooth_labels"}
+    assert set(a.uns["scmulan"]["predict"]) == {"cell_type", "organ"}
+    assert a.uns["scmulan"]["predict"]["cell_type"]["input"]["kind"] == "counts"
     a.write_h5ad(tmp_path / "a.h5ad")
     back = ad.read_h5ad(tmp_path / "a.h5ad")
-    assert back.uns["scmulan"]["annotate"]["params"]["repeat_mask"] == "official"
+    assert back.uns["scmulan"]["predict"]["cell_type"]["params"]["repeat_mask"] == "official"
 
 
 def test_annotate_meta_words_and_errors(cells, loaded):
     cells.obs["tissue"] = ["Blood"] * 5 + [np.nan]
-    with_meta = api.annotate(
+    with_meta = sm.predict(
         cells,
         loaded,
         meta={"organ": "tissue"},
@@ -287,20 +293,20 @@ def test_annotate_meta_words_and_errors(cells, loaded):
         progress=False,
         copy=True,
     )
-    plain = api.annotate(cells, loaded, min_confidence=0.0, pre_normalized=True, progress=False, copy=True)
+    plain = sm.predict(cells, loaded, min_confidence=0.0, pre_normalized=True, progress=False, copy=True)
     # The prepended word changes the model's input, so the embeddings differ (but not for the NaN cell).
     diff = np.abs(with_meta.obsm["X_scmulan"] - plain.obsm["X_scmulan"]).max(axis=1)
     assert np.all(diff[:5] > 1e-4)
     assert diff[5] < 1e-5
     cells.obs["tissue"] = ["Bloood"] * 6
     with pytest.raises(MsfmInputError, match="Bloood"):
-        api.annotate(cells, loaded, meta={"organ": "tissue"}, pre_normalized=True, progress=False)
+        sm.predict(cells, loaded, meta={"organ": "tissue"}, pre_normalized=True, progress=False)
     with pytest.raises(MsfmInputError, match="not \\(vocabulary category: obs column\\)"):
-        api.annotate(cells, loaded, meta={"organ": "nope"}, pre_normalized=True, progress=False)
+        sm.predict(cells, loaded, meta={"organ": "nope"}, pre_normalized=True, progress=False)
     with pytest.raises(MsfmInputError, match="embedding"):
-        api.annotate(cells, loaded, embedding="cls", pre_normalized=True, progress=False)
+        sm.predict(cells, loaded, embedding="cls", pre_normalized=True, progress=False)
     with pytest.raises(MsfmInputError, match="does not exist"):
-        api.annotate(cells, "/nonexistent/ckpt", pre_normalized=True, progress=False)
+        sm.predict(cells, "/nonexistent/ckpt", pre_normalized=True, progress=False)
 
 
 def test_smooth_labels_votes_by_inverse_distance():
@@ -312,13 +318,13 @@ def test_smooth_labels_votes_by_inverse_distance():
     a = ad.AnnData(X=np.zeros((40, 1), dtype=np.float32))
     a.obsm["X_scmulan"] = rep
     a.obs["scmulan_cell_type_fine"] = pd.Categorical(labels)
-    api.smooth_labels(a, n_neighbors=5)
+    sm.smooth_labels(a, n_neighbors=5)
     smoothed = a.obs["scmulan_cell_type_smoothed"].astype(str).to_numpy()
     assert smoothed[3] == "A"
     assert (smoothed[:20] == "A").all()
     assert (smoothed[20:] == "B").all()
     assert a.obs["scmulan_smoothing_score"].between(0, 1).all()
-    api.smooth_labels(a, n_neighbors=5, threshold=1.01)
+    sm.smooth_labels(a, n_neighbors=5, threshold=1.01)
     assert set(a.obs["scmulan_cell_type_smoothed"]) == {"Unclassified"}
 
 
@@ -326,12 +332,12 @@ def test_long_prompts_are_truncated_to_top_genes(cells, loaded):
     config = loaded.config.model_copy(update={"max_length": 40})
     model = ScMulan(config)
     model.load_state_dict(loaded.model.state_dict())
-    small = LoadedScMulan(model.eval(), config, loaded.vocab, loaded.meta, loaded.path, loaded.device)
+    small = dataclasses.replace(loaded, model=model.eval(), config=config)
     with pytest.warns(UserWarning, match="5 cells .* truncated to their 37 top-expressed genes"):
-        out = api.annotate(cells, small, min_confidence=0.0, pre_normalized=True, progress=False, copy=True)
-    assert out.uns["scmulan"]["annotate"]["params"]["n_truncated_cells"] == 5
+        out = sm.predict(cells, small, min_confidence=0.0, pre_normalized=True, progress=False, copy=True)
+    assert out.uns["scmulan"]["predict"]["cell_type"]["params"]["n_truncated_cells"] == 5
     with pytest.raises(MsfmInputError, match="max_new_tokens=100"):
-        api.generate(small, {"organ": "Blood"}, max_new_tokens=100, progress=False)
+        sm.generate({"organ": "Blood"}, small, max_new_tokens=100, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,9 +358,9 @@ def _expected_genes(vocab: CellSentenceVocab, ids: torch.Tensor, levels: torch.T
 
 @pytest.mark.parametrize(("repeat_mask", "variant"), [("all", "kv"), ("official", "nonkv")])
 def test_greedy_generation_reproduces_official(loaded, io, vocab, repeat_mask, variant):
-    out = api.generate(
-        loaded,
+    out = sm.generate(
         {"organ": "Blood", "cell_type": "T cell"},
+        loaded,
         greedy=True,
         constrained=False,
         repeat_mask=repeat_mask,
@@ -368,11 +374,11 @@ def test_greedy_generation_reproduces_official(loaded, io, vocab, repeat_mask, v
 
 def test_greedy_perturbation_prompt_reproduces_official(loaded, io, vocab):
     # Fixture prompt 1 is [Bone marrow, Haematopoietic stem cell, <SPToken1>, GATA1@8]: a perturbation prompt.
-    cells, scores = api.perturb(
-        loaded,
+    result = sm.perturb(
         {"organ": "Bone marrow", "cell_type": "Haematopoietic stem cell"},
-        ["GATA1"],
-        [8],
+        loaded,
+        genes=["GATA1"],
+        levels=[8],
         n_cells=1,
         greedy=True,
         constrained=False,
@@ -380,6 +386,7 @@ def test_greedy_perturbation_prompt_reproduces_official(loaded, io, vocab):
         max_new_tokens=30,  # the official run stopped after 19 words
         progress=False,
     )
+    cells, scores = result.cells, result.scores
     expected = _expected_genes(vocab, io["cg.gen.kv.ids"][1], io["cg.gen.kv.levels"][1])
     assert _levels_of(cells, 1) == {**expected, "GATA1": 8}
     assert list(scores["gene"]) == ["control", "GATA1"]
@@ -388,9 +395,9 @@ def test_greedy_perturbation_prompt_reproduces_official(loaded, io, vocab):
 def test_generate_outputs_determinism_and_batch_independence(loaded, vocab, tmp_path):
     prompts = pd.DataFrame({"organ": ["Blood", "Heart"], "cell_type": ["T cell", np.nan]})
     kwargs = {"n_per_prompt": 3, "max_new_tokens": 24, "progress": False, "seed": 7}
-    a = api.generate(loaded, prompts, batch_size=1, **kwargs)
-    b = api.generate(loaded, prompts, batch_size=64, **kwargs)
-    c = api.generate(loaded, prompts, batch_size=4, **{**kwargs, "seed": 8})
+    a = sm.generate(prompts, loaded, batch_size=1, **kwargs)
+    b = sm.generate(prompts, loaded, batch_size=64, **kwargs)
+    c = sm.generate(prompts, loaded, batch_size=4, **{**kwargs, "seed": 8})
     assert a.shape == (6, 2000)
     assert list(a.var_names) == vocab.genes
     assert {"organ", "cell_type", "prompt_id", "n_genes", "n_words", "stopped_at_end"} <= set(a.obs.columns)
@@ -405,23 +412,23 @@ def test_generate_outputs_determinism_and_batch_independence(loaded, vocab, tmp_
     assert (a.X[0] != a.X[1]).nnz > 0
     np.testing.assert_allclose(a.X.toarray() * 10, a.layers["levels"].toarray())
     assert a.obs["n_genes"].tolist() == np.diff(a.X.indptr).tolist()
-    assert a.uns["scmulan_generation"]["params"]["seed"] == 7
+    assert a.uns["scmulan"]["generate"]["params"]["seed"] == 7
     a.write_h5ad(tmp_path / "gen.h5ad")
 
 
 def test_generate_errors_name_the_bad_input(loaded):
     with pytest.raises(MsfmInputError, match="Bloood"):
-        api.generate(loaded, {"organ": "Bloood"}, progress=False)
+        sm.generate({"organ": "Bloood"}, loaded, progress=False)
     with pytest.raises(MsfmInputError, match="tisue"):
-        api.generate(loaded, [{"tisue": "Blood"}], progress=False)
+        sm.generate([{"tisue": "Blood"}], loaded, progress=False)
     with pytest.raises(MsfmInputError, match="prompts is empty"):
-        api.generate(loaded, [], progress=False)
+        sm.generate([], loaded, progress=False)
     with pytest.raises(MsfmInputError, match="temperature"):
-        api.generate(loaded, {"organ": "Blood"}, temperature=0.0, progress=False)
+        sm.generate({"organ": "Blood"}, loaded, temperature=0.0, progress=False)
 
 
 def test_end_weight_controls_stopping(loaded):
-    out = api.generate(loaded, {"organ": "Blood"}, n_per_prompt=4, end_weight=1e9, progress=False)
+    out = sm.generate({"organ": "Blood"}, loaded, n_per_prompt=4, end_weight=1e9, progress=False)
     assert out.obs["n_words"].eq(1).all()
     assert out.obs["stopped_at_end"].all()
     assert out.X.nnz == 0
@@ -429,21 +436,20 @@ def test_end_weight_controls_stopping(loaded):
 
 def test_sampling_follows_the_model_distribution(loaded, vocab):
     """The per-cell Gumbel sampler draws from softmax(top-k(masked logits) / T)."""
-    tokenizer = loaded.tokenizer()
+    tokenizer = sm.tokenizer_for(loaded)
     prompt = tokenizer.prompts(None, meta={"organ": "Blood"}, task=GENERATE)
     n = 4000
     sentences = Sentences.from_lists([prompt.get(0)[0]] * n, [prompt.get(0)[1]] * n)
-    options = DecodeOptions(max_new_tokens=1, greedy=False, temperature=0.7, top_k=5, end_id=vocab.end_id)
-    allowed = api._gene_end_mask(loaded)
-    gen = api._generate_sentences(
+    options = DecodeOptions(
+        max_new_tokens=1, greedy=False, temperature=0.7, top_k=5, seed=3, end_id=vocab.end_id
+    )
+    allowed = sampling.gene_end_mask(loaded)
+    gen = sampling.generate_sentences(
         loaded,
         sentences,
         [(i,) for i in range(n)],
         options=options,
         allowed=allowed,
-        seed=3,
-        temperature=0.7,
-        top_k=5,
         batch_size=512,
         max_tokens=None,
         progress=False,
@@ -466,11 +472,11 @@ def test_sampling_follows_the_model_distribution(loaded, vocab):
 # perturbation
 # ----------------------------------------------------------------------------------------------------------
 def test_perturb_with_reference_scores(loaded, pbmc, tmp_path):
-    cells, scores = api.perturb(
-        loaded,
+    result = sm.perturb(
         {"organ": "Bone marrow", "cell_type": "Haematopoietic stem cell"},
-        ["SPI1", "GATA1"],
-        [0, 10],
+        loaded,
+        genes=["SPI1", "GATA1"],
+        levels=[0, 10],
         n_cells=6,
         reference=pbmc,
         group_key="cell_type",
@@ -479,6 +485,7 @@ def test_perturb_with_reference_scores(loaded, pbmc, tmp_path):
         max_new_tokens=48,
         progress=False,
     )
+    cells, scores = result.cells, result.scores
     assert list(
         zip(scores["gene"], [-1 if pd.isna(v) else int(v) for v in scores["level"]], strict=True)
     ) == [
@@ -517,23 +524,17 @@ def test_reference_pca_matches_a_dense_pca(loaded, pbmc):
 
     from msfm.data.normalize import normalized_rows
 
-    ref = api._reference_pca(
+    ref = reference.reference_pca(
         pbmc,
         loaded,
         group_key="cell_type",
         source="CD34+",
         targets=["CD19+ B"],
         n_pcs=5,
-        layer=None,
-        pre_normalized=False,
-        gene_column=None,
-        species="human",
-        use_aliases=True,
-        min_panel_fraction=0.01,
         chunk_size=128,  # several chunks: the streamed sums must add up
     )
     source = CellSource(pbmc)
-    binned = loaded.tokenizer().binned_matrix(normalized_rows(source, None, ref.mapping))
+    binned = sm.tokenizer_for(loaded).binned_matrix(normalized_rows(source, None, ref.mapping))
     dense = binned.toarray().astype(np.float64)
     np.testing.assert_allclose(ref.mean, dense.mean(0), atol=1e-9)
     # Genes no reference cell expresses carry no variance: zero loadings; the rest is an ordinary PCA.
@@ -548,15 +549,18 @@ def test_reference_pca_matches_a_dense_pca(loaded, pbmc):
 
 def test_perturb_without_reference_and_screen(loaded):
     kwargs = {"n_cells": 4, "max_new_tokens": 24, "progress": False}
-    cells, scores = api.perturb(loaded, {"organ": "Blood"}, "SPI1,CD3E", [10], **kwargs)
+    result = sm.perturb({"organ": "Blood"}, loaded, genes="SPI1,CD3E", levels=[10], **kwargs)
+    cells, scores = result.cells, result.scores
     assert list(scores["gene"]) == ["control", "SPI1", "CD3E"]
     assert not any(c.startswith("score_") for c in scores.columns)
     assert scores["delta_vs_control"].iloc[0] == 0.0
     assert (scores["delta_vs_control"].iloc[1:] > 0).all()
     # same seed, other batching: the same cells
-    again, _ = api.perturb(loaded, {"organ": "Blood"}, ["SPI1", "CD3E"], [10], batch_size=3, **kwargs)
-    assert (cells.X != again.X).nnz == 0
-    ranked = api.perturb_screen(loaded, {"organ": "Blood"}, ["SPI1", "CD3E", "GATA1"], **kwargs)
+    again = sm.perturb("organ=Blood", loaded, genes=["SPI1", "CD3E"], levels=[10], batch_size=3, **kwargs)
+    assert (cells.X != again.cells.X).nnz == 0
+    screen = sm.perturb_screen({"organ": "Blood"}, loaded, genes=["SPI1", "CD3E", "GATA1"], **kwargs)
+    assert screen.sort_by == "delta_vs_control"
+    ranked = screen.scores
     assert list(ranked["gene"])[-1] == "control"
     d = ranked["delta_vs_control"].to_numpy()[:-1]
     assert (np.diff(d) <= 0).all()
@@ -566,24 +570,24 @@ def test_perturb_without_reference_and_screen(loaded):
 def test_perturb_errors(loaded, pbmc):
     prompt = {"organ": "Blood"}
     with pytest.raises(MsfmInputError, match="NOTAGENE"):
-        api.perturb(loaded, prompt, ["SPI1", "NOTAGENE"], progress=False)
+        sm.perturb(prompt, loaded, genes=["SPI1", "NOTAGENE"], progress=False)
     with pytest.raises(MsfmInputError, match="Blood"):
-        api.perturb(loaded, prompt, ["Blood"], progress=False)  # a token, but not a gene
+        sm.perturb(prompt, loaded, genes=["Blood"], progress=False)  # a token, but not a gene
     with pytest.raises(MsfmInputError, match="levels"):
-        api.perturb(loaded, prompt, ["SPI1"], [11], progress=False)
+        sm.perturb(prompt, loaded, genes=["SPI1"], levels=[11], progress=False)
     with pytest.raises(MsfmInputError, match="HSC"):
-        api.perturb(
-            loaded,
+        sm.perturb(
             prompt,
-            ["SPI1"],
-            [10],
+            loaded,
+            genes=["SPI1"],
+            levels=[10],
             reference=pbmc,
             group_key="cell_type",
             source="HSC",
             progress=False,
         )
     with pytest.raises(MsfmInputError, match="reference"):
-        api.perturb(loaded, prompt, ["SPI1"], [10], group_key="cell_type", progress=False)
+        sm.perturb(prompt, loaded, genes=["SPI1"], levels=[10], group_key="cell_type", progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -591,13 +595,13 @@ def test_perturb_errors(loaded, pbmc):
 # ----------------------------------------------------------------------------------------------------------
 def test_next_state_one_cell_per_input(pbmc, loaded):
     a = pbmc[:9].copy()
-    out = api.next_state(a, loaded, max_new_tokens=24, batch_size=4, progress=False)
+    out = sm.next_state(a, loaded, max_new_tokens=24, batch_size=4, progress=False)
     assert out.n_obs == a.n_obs
     assert out.n_vars == len(loaded.vocab.genes)
     assert list(out.obs["source_cell"]) == list(a.obs_names)
-    assert out.uns["scmulan_next_state"]["params"]["max_new_tokens"] == 24
-    same = api.next_state(a, loaded, max_new_tokens=24, batch_size=1, progress=False)
+    assert out.uns["scmulan"]["next_state"]["params"]["max_new_tokens"] == 24
+    same = sm.next_state(a, loaded, max_new_tokens=24, batch_size=1, progress=False)
     assert (out.X != same.X).nnz == 0
-    two = api.next_state(a, loaded, n_per_cell=2, max_new_tokens=8, progress=False)
+    two = sm.next_state(a, loaded, n_per_cell=2, max_new_tokens=8, progress=False)
     assert two.n_obs == 18
     assert list(two.obs["source_cell"][:2]) == [a.obs_names[0]] * 2

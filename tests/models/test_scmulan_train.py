@@ -19,17 +19,16 @@ import torch
 import msfm
 from msfm.errors import MsfmInputError
 from msfm.models.scmulan.decoding import DecodeOptions, generate_tokens, id_mask
-from msfm.models.scmulan.inference import load_model, save_model
+from msfm.models.scmulan.loading import save_model
 from msfm.models.scmulan.model import ScMulan
 from msfm.models.scmulan.official import load_official_checkpoint
-from msfm.models.scmulan.train import (
-    ScMulanTrainConfig,
-    extend_vocabulary,
-    grow_model,
-    next_state_partners,
-    train,
-)
+from msfm.models.scmulan.train_cells import next_state_partners
+from msfm.models.scmulan.train_config import ScMulanTrainConfig
+from msfm.models.scmulan.train_vocab import extend_vocabulary
+from msfm.models.scmulan.training import grow_model
 from msfm.runtime.checkpoint import load_checkpoint
+from msfm.runtime.config import build_settings
+from msfm.runtime.results import TrainResult
 from msfm.tokenizers.cell_sentence import CellSentenceVocab
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -73,7 +72,18 @@ def _cfg(steps: int, **extra) -> ScMulanTrainConfig:
         "n_genes": 300,
     }
     base.update(extra)
-    return ScMulanTrainConfig().with_overrides(base, progress_bar=False)
+    return build_settings(ScMulanTrainConfig, overrides={**base, "progress_bar": False})
+
+
+def train(data, out, config: ScMulanTrainConfig, **kwargs) -> Path:
+    """msfm.scmulan.train, returning the exported model directory."""
+    result = msfm.scmulan.train(data, out, config=config, **kwargs)
+    assert isinstance(result, TrainResult)
+    return result.checkpoint
+
+
+def load_model(path: Path, device: str = "cpu"):
+    return msfm.scmulan.load(path, device=device)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +96,7 @@ def _annotate(loaded, adata: ad.AnnData, rows: np.ndarray) -> list[str]:
     from msfm.data.normalize import normalized_rows
 
     v = loaded.vocab
-    tok = loaded.tokenizer()
+    tok = msfm.scmulan.tokenizer_for(loaded)
     mapping = harmonize_genes(adata.var, GenePanel.from_symbols(v.genes), min_panel_fraction=0.0)
     x = normalized_rows(CellSource(adata), rows, mapping)
     prompts = tok.prompts(tok.gene_sentences(x), task="<PCT>")
@@ -106,12 +116,20 @@ def _annotate(loaded, adata: ad.AnnData, rows: np.ndarray) -> list[str]:
 def test_train_end_to_end_exports_a_loadable_model(pbmc, tmp_path):
     before = pbmc.copy()
     run = tmp_path / "run"
-    model_dir = train(
+    result = msfm.scmulan.train(
         pbmc,
         run,
-        _cfg(30, batch_size=8, checkpoint_every_n_steps=10, val_fraction=0.1, n_genes=2000, max_genes=None),
+        config=_cfg(30, checkpoint_every_n_steps=10, n_genes=2000, max_genes=None),
+        batch_size=8,
+        val_fraction=0.1,
     )
+    model_dir = result.checkpoint
     assert model_dir == run / "model"
+    assert result.run_dir == run
+    assert result.metrics["step"] == 29
+    assert np.isfinite(result.metrics["train/loss"])
+    assert np.isfinite(result.metrics["val/loss"])
+    assert msfm.scmulan.load(result, device="cpu").meta == load_model(model_dir).meta  # path-like result
     # the input is untouched
     assert list(pbmc.obs.columns) == list(before.obs.columns)
     assert (pbmc.layers["counts"] != before.layers["counts"]).nnz == 0
@@ -130,7 +148,7 @@ def test_train_end_to_end_exports_a_loadable_model(pbmc, tmp_path):
     # it decodes: annotation answers are cell-type tokens, generation emits genes then <E>
     labels = _annotate(loaded, pbmc, np.arange(8))
     assert set(labels) <= set(v.categories["cell_type"])
-    tok = loaded.tokenizer()
+    tok = msfm.scmulan.tokenizer_for(loaded)
     ids, levels, mask = tok.left_pad(tok.prompts(None, meta=[{"cell_type": "CD19+ B"}], task="<SPToken1>"))
     allowed = id_mask([v.end_id, *v.gene_ids.tolist()], len(v))
     res = generate_tokens(loaded.model, ids, levels, mask, DecodeOptions(max_new_tokens=20), allowed=allowed)
@@ -163,7 +181,7 @@ def test_resume_after_kill_equals_uninterrupted(small, tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5, msg=k)
     # a different seed gives different weights (the comparison above can fail)
-    train(small, tmp_path / "c", cfg.with_overrides({"seed": 1}))
+    train(small, tmp_path / "c", cfg, seed=1)
     assert not torch.allclose(wa["token_embed.weight"], _weights(tmp_path / "c")["token_embed.weight"])
 
 
@@ -204,8 +222,12 @@ def test_grow_model_keeps_old_rows(official_dir):
 
 def test_finetune_official_checkpoint_with_new_labels(small, official_dir, tmp_path):
     run = tmp_path / "ft"
-    cfg = _cfg(3, init_from=str(official_dir), model_overrides={}, max_genes=None)
-    model_dir = train(small, run, cfg)
+    cfg = _cfg(3, model_overrides={}, max_genes=None)
+    official = load_model(official_dir)
+    before = {k: v.clone() for k, v in official.model.state_dict().items()}
+    model_dir = train(small, run, cfg, checkpoint=official)
+    # the loaded model handed in is not trained in place
+    assert all(torch.equal(before[k], v) for k, v in official.model.state_dict().items())
     old = CellSentenceVocab.official()
     loaded = load_model(model_dir, device="cpu")
     v = loaded.vocab
@@ -219,7 +241,7 @@ def test_finetune_official_checkpoint_with_new_labels(small, official_dir, tmp_p
     assert loaded.meta["extra"]["global_step"] == 3
     assert set(_annotate(loaded, small, np.arange(4))) <= set(v.categories["cell_type"])
     # continuing the run (more steps) keeps its vocabulary and the record of what was added
-    train(small, run, cfg.with_overrides({"max_steps": 4}))
+    train(small, run, cfg, checkpoint=official_dir, max_steps=4)
     again = load_model(model_dir, device="cpu")
     assert again.vocab == v
     assert again.meta["extra"]["global_step"] == 4
@@ -259,7 +281,7 @@ def test_train_next_state_only(small, tmp_path):
 
 
 def test_stream_examples_are_deterministic(small, tmp_path, monkeypatch):
-    from msfm.models.scmulan import train as tr
+    from msfm.models.scmulan import training as tr
 
     data = small.copy()
     data.obs["day"] = np.arange(data.n_obs) % 3
@@ -320,10 +342,11 @@ def test_bad_inputs(small, tmp_path):
         train(small, tmp_path / "d", _cfg(1, tasks={"organ_region": 1.0}))
     with pytest.raises(MsfmInputError, match="No training data"):
         train([], tmp_path / "e", _cfg(1))
-    with pytest.raises(MsfmInputError, match="Unknown override"):
-        ScMulanTrainConfig().with_overrides({"nope": 1})
+    with pytest.raises(MsfmInputError, match="Unknown ScMulanTrainConfig setting 'nope'"):
+        train(small, tmp_path / "g", _cfg(1), nope=1)
     with pytest.raises(MsfmInputError, match="Unknown task"):
-        ScMulanTrainConfig().with_overrides({"tasks": "annotate=1,fly=2"})
+        train(small, tmp_path / "g", _cfg(1), tasks="annotate=1,fly=2")
+    assert not (tmp_path / "g").exists()  # settings are checked before anything is written
     with pytest.raises(MsfmInputError, match="neither 'data', 'official'"):
         train(small, tmp_path / "f", _cfg(1, vocabulary="missing.json"))
 
@@ -339,14 +362,16 @@ def test_config_file_and_overrides(tmp_path):
     assert cfg.trainer.max_steps == 2
     assert cfg.seed == 7  # a trainer seed given alone becomes the run's seed
     assert cfg.loss.targets == "next"
-    cfg2 = cfg.with_overrides(
-        {
+    cfg2 = build_settings(
+        ScMulanTrainConfig,
+        base=cfg,
+        overrides={
             "lr": 1e-3,
             "devices": "2",
             "tasks": "annotate=1,generate=0.5",
             "meta_columns": "cell_type=x",
             "seed": 3,
-        }
+        },
     )
     assert cfg2.optim.lr == 1e-3
     assert cfg2.trainer.devices == 2
@@ -365,11 +390,10 @@ def test_train_two_process_ddp_cpu(small, tmp_path):
     script.write_text(
         "import sys, warnings\n"
         "warnings.simplefilter('ignore')\n"
-        "from msfm.models.scmulan.train import ScMulanTrainConfig, train\n"
-        "cfg = ScMulanTrainConfig().with_overrides({'max_steps': 3, 'batch_size': 2, 'accelerator': 'cpu',\n"
-        "    'devices': 2, 'strategy': 'ddp', 'checkpoint_every_n_steps': 3, 'warmup_steps': 1, 'max_genes': 32,\n"
-        "    'n_genes': 200, 'model_overrides': {'dim': 32, 'depth': 1, 'num_heads': 2}}, progress_bar=False)\n"
-        "train([sys.argv[1]], sys.argv[2], cfg)\n"
+        "import msfm\n"
+        "msfm.scmulan.train([sys.argv[1]], sys.argv[2], max_steps=3, batch_size=2, accelerator='cpu',\n"
+        "    devices=2, strategy='ddp', checkpoint_every_n_steps=3, warmup_steps=1, max_genes=32,\n"
+        "    n_genes=200, model_overrides={'dim': 32, 'depth': 1, 'num_heads': 2}, progress_bar=False)\n"
     )
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     src = str(Path(msfm.__file__).parents[1])

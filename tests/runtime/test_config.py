@@ -75,3 +75,18 @@ def test_errors_name_the_setting(tmp_path: Path) -> None:
     broken.write_text("a: [1,\n")
     with pytest.raises(MsfmInputError, match="Cannot parse"):
         build_settings(Run, file=broken)
+
+
+class Family(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    optim: Optim = Field(default_factory=lambda: Optim(warmup=100))
+
+
+def test_partial_sections_keep_the_family_defaults(tmp_path: Path) -> None:
+    # Only lr given: warmup keeps the family's default (100), not Optim's own (0).
+    assert build_settings(Family, overrides={"lr": 0.5}).optim.warmup == 100
+    f = tmp_path / "f.json"
+    f.write_text('{"optim": {"lr": 0.2}}')
+    run = build_settings(Family, file=f)
+    assert (run.optim.lr, run.optim.warmup) == (0.2, 100)
+    assert build_settings(Family, overrides={"warmup": 7}).optim.warmup == 7

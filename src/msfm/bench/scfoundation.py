@@ -87,15 +87,21 @@ def _cells(n: int, seed: int = 0):
 
 def _build(preset: str, device: torch.device):
     from msfm.data import GenePanel
-    from msfm.models.scfoundation.inference import LoadedModel
     from msfm.models.scfoundation.model import ScFoundation
     from msfm.registry import preset_config
+    from msfm.runtime.loaded import Loaded
 
     cfg = preset_config(preset)
     torch.manual_seed(0)
     model = ScFoundation(cfg).to(device).eval()
-    return LoadedModel(
-        model=model, config=cfg, panel=GenePanel.scfoundation(), meta={}, path=Path("<random>"), device=device
+    return Loaded(
+        family="scfoundation",
+        model=model,
+        config=cfg,
+        meta={},
+        path=None,
+        device=device,
+        vocab=GenePanel.scfoundation(),
     )
 
 
@@ -104,7 +110,7 @@ def _build(preset: str, device: torch.device):
 # ----------------------------------------------------------------------------------------------------------
 def _worker_speed(args: dict[str, Any]) -> dict[str, Any]:
     from msfm.data import CellSource, harmonize_genes
-    from msfm.models.scfoundation.api import embed_source
+    from msfm.models.scfoundation.embedding import embed_source
 
     device = torch.device(args["device"])
     loaded = _build(args["preset"], device)
@@ -114,7 +120,7 @@ def _worker_speed(args: dict[str, Any]) -> dict[str, Any]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mapping = harmonize_genes(adata.var, loaded.panel)
+        mapping = harmonize_genes(adata.var, loaded.vocab)
     mode = args["mode"]
     lengths = None
     if mode == "loop":
@@ -206,7 +212,8 @@ def _official_style_loop(loaded: Any, source: Any, mapping: Any) -> tuple[np.nda
 
 
 def _worker_rss(args: dict[str, Any]) -> dict[str, Any]:
-    from msfm.models.scfoundation.api import embed_file, preprocessing_record
+    import msfm
+    from msfm.models.scfoundation.provenance import preprocessing_record
     from msfm.runtime.checkpoint import save_checkpoint
 
     loaded = _build(args["preset"], torch.device("cpu"))
@@ -217,13 +224,17 @@ def _worker_rss(args: dict[str, Any]) -> dict[str, Any]:
             family="scfoundation",
             config=loaded.config,
             state_dict=loaded.model.state_dict(),
-            gene_panel=list(loaded.panel.symbols),
+            gene_panel=list(loaded.vocab.symbols),
             preprocessing=preprocessing_record(),
         )
     base = peak_rss_mb()
     t0 = time.perf_counter()
     out = Path(args["tmp"]) / f"out_{args['n_cells']}.h5ad"
-    embed_file(args["data"], out, ckpt, overwrite=True, batch_size=128, device="cpu", progress=False)
+    # An .h5ad path with out=: streamed from disk (backed), results written batch by batch.
+    result = msfm.scfoundation.embed(
+        args["data"], ckpt, out=out, overwrite=True, batch_size=128, device="cpu", progress=False
+    )
+    result.file.close()
     elapsed = time.perf_counter() - t0
     size = out.stat().st_size
     out.unlink()

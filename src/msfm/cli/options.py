@@ -28,11 +28,14 @@ __all__ = [
     "KeyAdded",
     "Out",
     "OutDir",
+    "PRECISION_HELP",
     "Overwrite",
     "Precision",
     "Preset",
     "Quiet",
     "Seed",
+    "option_group",
+    "option_parameter",
     "read_options",
     "trainer_options",
 ]
@@ -48,10 +51,11 @@ InitCheckpoint = Annotated[
         "--checkpoint", "-c", help="Start from this msfm checkpoint (fine-tuning) instead of a preset."
     ),
 ]
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output file (.h5ad unless said otherwise).")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output file (the command says which format).")]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder (a run folder resumes).")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")]
-Precision = Annotated[str, typer.Option(help="32 | bf16 | 16 (autocast).")]
+PRECISION_HELP = "32 | bf16 | 16 (Lightning's 32-true | bf16-mixed | 16-mixed are accepted too)."
+Precision = Annotated[str, typer.Option(help=PRECISION_HELP)]
 BatchSize = Annotated[int, typer.Option(help="Items per forward pass.")]
 KeyAdded = Annotated[
     str, typer.Option(help="Prefix of what is added: obsm['X_<key>'], obs['<key>_<field>'], uns['<key>'].")
@@ -67,19 +71,20 @@ Config = Annotated[
 ]
 
 
-def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+def option_parameter(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    """One option of a group: ``option_parameter("layer", Annotated[str | None, typer.Option(...)], None)``."""
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
 _CELL_OPTIONS = (
-    _option(
+    option_parameter(
         "layer",
         Annotated[
             str | None, typer.Option(help="Matrix to read (default: layers['counts'], else integer X).")
         ],
         None,
     ),
-    _option(
+    option_parameter(
         "pre_normalized",
         Annotated[
             bool,
@@ -89,23 +94,25 @@ _CELL_OPTIONS = (
         ],
         False,
     ),
-    _option(
+    option_parameter(
         "gene_column",
         Annotated[str | None, typer.Option(help="var column with symbols or Ensembl IDs.")],
         None,
     ),
-    _option(
+    option_parameter(
         "species", Annotated[str, typer.Option(help="human | mouse (mouse genes via orthologs).")], "human"
     ),
-    _option(
+    option_parameter(
         "no_aliases",
         Annotated[bool, typer.Option("--no-aliases", help="Do not map previous/alias symbols.")],
         False,
     ),
 )
 _SPATIAL_OPTIONS = (
-    _option("spatial_key", Annotated[str, typer.Option(help="obsm key of the coordinates.")], "spatial"),
-    _option(
+    option_parameter(
+        "spatial_key", Annotated[str, typer.Option(help="obsm key of the coordinates.")], "spatial"
+    ),
+    option_parameter(
         "scale",
         Annotated[
             float | None,
@@ -115,12 +122,12 @@ _SPATIAL_OPTIONS = (
         ],
         None,
     ),
-    _option(
+    option_parameter(
         "section_key",
         Annotated[str | None, typer.Option(help="obs column naming each cell's section.")],
         None,
     ),
-    _option(
+    option_parameter(
         "duplicates",
         Annotated[str, typer.Option(help="Cells at identical coordinates: error | keep | jitter.")],
         "error",
@@ -128,31 +135,37 @@ _SPATIAL_OPTIONS = (
 )
 
 _TRAINER_OPTIONS = {
-    "max_steps": _option("max_steps", Annotated[int | None, typer.Option(help="Optimiser steps.")], None),
-    "max_epochs": _option("max_epochs", Annotated[int | None, typer.Option(help="Epochs.")], None),
-    "batch_size": _option(
+    "max_steps": option_parameter(
+        "max_steps", Annotated[int | None, typer.Option(help="Optimiser steps.")], None
+    ),
+    "max_epochs": option_parameter("max_epochs", Annotated[int | None, typer.Option(help="Epochs.")], None),
+    "batch_size": option_parameter(
         "batch_size", Annotated[int | None, typer.Option(help="Examples per device per micro-step.")], None
     ),
-    "lr": _option("lr", Annotated[float | None, typer.Option(help="Peak learning rate.")], None),
-    "accelerator": _option(
+    "lr": option_parameter("lr", Annotated[float | None, typer.Option(help="Peak learning rate.")], None),
+    "accelerator": option_parameter(
         "accelerator", Annotated[str | None, typer.Option(help="auto | cpu | gpu | mps")], None
     ),
-    "devices": _option(
+    "devices": option_parameter(
         "devices", Annotated[str | None, typer.Option(help="auto | N (-1: all) | 0,1 (indices)")], None
     ),
-    "strategy": _option("strategy", Annotated[str | None, typer.Option(help="auto | ddp | fsdp")], None),
-    "num_nodes": _option("num_nodes", Annotated[int | None, typer.Option(help="Machines.")], None),
-    "precision": _option(
-        "precision", Annotated[str | None, typer.Option(help="32-true | bf16-mixed | 16-mixed")], None
+    "strategy": option_parameter(
+        "strategy", Annotated[str | None, typer.Option(help="auto | ddp | fsdp")], None
     ),
-    "accumulate": _option(
+    "num_nodes": option_parameter("num_nodes", Annotated[int | None, typer.Option(help="Machines.")], None),
+    "precision": option_parameter(
+        "precision", Annotated[str | None, typer.Option(help=PRECISION_HELP)], None
+    ),
+    "accumulate": option_parameter(
         "accumulate", Annotated[int | None, typer.Option(help="Gradient accumulation steps.")], None
     ),
-    "num_workers": _option(
+    "num_workers": option_parameter(
         "num_workers", Annotated[int | None, typer.Option(help="DataLoader workers.")], None
     ),
-    "seed": _option("seed", Annotated[int | None, typer.Option(help="Seed of everything random.")], None),
-    "checkpoint_every_n_steps": _option(
+    "seed": option_parameter(
+        "seed", Annotated[int | None, typer.Option(help="Seed of everything random.")], None
+    ),
+    "checkpoint_every_n_steps": option_parameter(
         "checkpoint_every_n_steps",
         Annotated[
             int | None,
@@ -187,51 +200,55 @@ def _extend(
     return sig.replace(parameters=params), names
 
 
-def _install(fn: Callable[..., Any], wrapper: Callable[..., Any], sig: inspect.Signature) -> None:
-    wrapper.__signature__ = sig  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
+def option_group(
+    params: Iterable[inspect.Parameter],
+    collect: str,
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> Callable[[F], F]:
+    """Add the options ``params`` to a command; it receives the ones the user gave as one dict ``collect``.
 
-
-def read_options(kind: Literal["cells", "spatial"] = "cells") -> Callable[[F], F]:
-    """Add the reading options to a command; it receives them as ``read`` (keyword arguments of the API)."""
-    extra = _CELL_OPTIONS + (_SPATIAL_OPTIONS if kind == "spatial" else ())
+    Options left at their default are not passed on, so the API's defaults (or a ``--config`` file's values)
+    stand. ``transform`` may rename or reshape the dict first (e.g. ``--no-aliases`` -> ``use_aliases=False``).
+    """
+    params = tuple(params)
+    defaults = {p.name: p.default for p in params}
 
     def decorate(fn: F) -> F:
-        sig, names = _extend(fn, extra, "read")
+        sig, names = _extend(fn, params, collect)
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
             given = {name: kwargs.pop(name) for name in names}
-            given["use_aliases"] = not given.pop("no_aliases")
-            return fn(read=given, **kwargs)
+            given = {k: v for k, v in given.items() if v is not None and v != defaults[k]}
+            kwargs[collect] = transform(given) if transform is not None else given
+            return fn(**kwargs)
 
-        _install(fn, wrapper, sig)
+        wrapper.__signature__ = sig  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
         return wrapper  # type: ignore[return-value]
 
     return decorate
 
 
+def _aliases(given: dict[str, Any]) -> dict[str, Any]:
+    if given.pop("no_aliases", False):
+        given["use_aliases"] = False
+    return given
+
+
+def read_options(kind: Literal["cells", "spatial"] = "cells") -> Callable[[F], F]:
+    """Add the reading options to a command; it receives the ones given as ``read`` (keywords of the API)."""
+    return option_group(_CELL_OPTIONS + (_SPATIAL_OPTIONS if kind == "spatial" else ()), "read", _aliases)
+
+
 def trainer_options(*names: str) -> Callable[[F], F]:
     """Add training options (all of them, or the ``names`` given); the command receives ``overrides``.
 
-    ``overrides`` holds only the options the user gave (``--devices`` parsed later by the settings class).
+    ``overrides`` holds only the options the user gave, ready for ``train(..., **overrides)``.
     """
     chosen = names or tuple(_TRAINER_OPTIONS)
     unknown = sorted(set(chosen) - set(_TRAINER_OPTIONS))
     if unknown:
         msg = f"unknown trainer options {unknown}; known: {sorted(_TRAINER_OPTIONS)}."
         raise ValueError(msg)
-    extra = [_TRAINER_OPTIONS[n] for n in chosen]
-
-    def decorate(fn: F) -> F:
-        sig, opt_names = _extend(fn, extra, "overrides")
-
-        @functools.wraps(fn)
-        def wrapper(**kwargs: Any) -> Any:
-            given = {name: kwargs.pop(name) for name in opt_names}
-            return fn(overrides={k: v for k, v in given.items() if v is not None}, **kwargs)
-
-        _install(fn, wrapper, sig)
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
+    return option_group([_TRAINER_OPTIONS[n] for n in chosen], "overrides")

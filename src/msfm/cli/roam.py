@@ -1,4 +1,4 @@
-"""``msfm roam <verb>``: convert, preprocess, train, predict, evaluate, cascade, heatmap."""
+"""``msfm roam <verb>``: convert, preprocess, train, predict, evaluate, cascade, heatmap (thin over ``msfm.roam``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from msfm.cli import roam_interpret, roam_preprocess, roam_train
-from msfm.runtime.atomic import check_output_free
+from msfm.cli import roam_interpret, roam_predict, roam_preprocess, roam_train
+from msfm.cli.options import OutDir, Overwrite
 
 app = typer.Typer(
     help=(
@@ -25,7 +25,7 @@ def convert(
     official: Annotated[
         Path, typer.Argument(help="Released ROAM_split<k>.pth (read with weights_only=True).")
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="msfm checkpoint directory to write.")],
+    out: OutDir,
     class_names: Annotated[
         str | None,
         typer.Option(help="Comma-separated class names in logit order, e.g. astro,oligo,ependymoma."),
@@ -33,17 +33,18 @@ def convert(
     task: Annotated[str | None, typer.Option(help="Task name stored with the weights.")] = None,
     encoder: Annotated[str, typer.Option(help="Patch encoder the features come from.")] = "resnet50_trunc",
     fold: Annotated[int | None, typer.Option(help="CV fold of this file (provenance).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Convert a released ROAM fold checkpoint into an msfm checkpoint directory."""
-    from msfm.models.roam.checkpoint import convert_official
+    from msfm.models.roam.checkpoint import convert as _convert
 
-    check_output_free(out, overwrite=overwrite)
-    names = [c.strip() for c in class_names.split(",") if c.strip()] if class_names else None
-    path = convert_official(official, out, class_names=names, task=task, encoder=encoder, fold=fold)
+    path = _convert(
+        official, out, class_names=class_names, task=task, encoder=encoder, fold=fold, overwrite=overwrite
+    )
     typer.echo(f"wrote {path}")
 
 
 roam_preprocess.register(app)
 roam_train.register(app)
+roam_predict.register(app)
 roam_interpret.register(app)

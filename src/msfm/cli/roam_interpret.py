@@ -21,20 +21,17 @@ from typing import Annotated
 
 import typer
 
+from msfm.cli.options import Checkpoint, Device, OutDir, Overwrite
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["heatmap", "register"]
 
 
 def heatmap(
-    checkpoint: Annotated[
-        Path,
-        typer.Option("--checkpoint", "-c", help="ROAM checkpoint directory or training run (fold*/best)."),
-    ],
-    features: Annotated[
-        Path, typer.Option("--features", "-f", help="Feature folder of `msfm roam preprocess`.")
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one sub-folder per slide).")],
+    features: Annotated[Path, typer.Argument(help="Feature folder (msfm roam preprocess -o).")],
+    checkpoint: Checkpoint,
+    out: OutDir,
     slides: Annotated[
         list[str] | None,
         typer.Option(
@@ -71,18 +68,19 @@ def heatmap(
     roi_px: Annotated[
         int, typer.Option(help="Pixels per side of the ROI images in gallery and ROI maps.")
     ] = 512,
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto")] = "cpu",
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace existing slide output folders.")
-    ] = False,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
 ) -> None:
-    """Attention heatmaps of slides: slide overlay, ROI gallery and ROI-level maps."""
-    from msfm.models.roam.heatmaps import write_heatmaps
+    """Attention heatmaps of slides: slide overlay, ROI gallery and ROI-level maps (-o: one folder per slide).
 
-    done = write_heatmaps(
-        checkpoint,
+    -c takes a run directory (its folds are averaged), a checkpoint directory, or checkpoints joined by '+'.
+    """
+    from msfm.models.roam.heatmaps import heatmap as _heatmap
+
+    result = _heatmap(
         features,
-        out,
+        checkpoint,
+        out=out,
         slides=slides,
         class_name=class_name,
         top_k=top_k,
@@ -99,8 +97,8 @@ def heatmap(
         device=device,
         overwrite=overwrite,
     )
-    for d in done:
-        typer.echo(f"{d['slide_id']}: {d['class_shown']} (predicted {d['predicted_class']}) -> {d['out']}")
+    for d in result.table.itertuples():
+        typer.echo(f"{d.slide_id}: {d.class_shown} (predicted {d.predicted_class}) -> {d.out}")
 
 
 def register(app: typer.Typer) -> None:

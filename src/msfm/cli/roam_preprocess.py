@@ -8,14 +8,15 @@ from typing import Annotated, Any
 
 import typer
 
+from msfm.cli.options import BatchSize, Config, Device, OutDir, Overwrite, Quiet
 from msfm.errors import MsfmInputError
 
 __all__ = ["preprocess", "register"]
 
 
-def _json_dict(text: str | None, option: str) -> dict[str, Any]:
+def _json_dict(text: str | None, option: str) -> dict[str, Any] | None:
     if not text:
-        return {}
+        return None
     try:
         value = json.loads(text)
     except ValueError as err:
@@ -32,10 +33,12 @@ def preprocess(
         list[Path],
         typer.Argument(help="Slide files, folders (searched recursively) or CSV files with a 'path' column."),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (features/, qc/, reports/).")],
+    out: OutDir,
+    config: Config = None,
     encoder: Annotated[
-        str, typer.Option(help="resnet50_trunc (needs --weights) | colour_stats | tiny | timm:<model>")
-    ] = "resnet50_trunc",
+        str | None,
+        typer.Option(help="resnet50_trunc (default; needs --weights) | colour_stats | tiny | timm:<model>"),
+    ] = None,
     weights: Annotated[
         Path | None, typer.Option(help="Local encoder weights file (never downloaded).")
     ] = None,
@@ -48,86 +51,91 @@ def preprocess(
         typer.Option("--random-init", help="Random encoder weights: speed tests only, features meaningless."),
     ] = False,
     shard: Annotated[str | None, typer.Option(help="i/n: process only shard i (0-based) of n.")] = None,
-    stain_norm: Annotated[str, typer.Option(help="none | macenko | reinhard")] = "none",
+    stain_norm: Annotated[str | None, typer.Option(help="none (default) | macenko | reinhard")] = None,
     stain_target: Annotated[
         Path | None, typer.Option(help="Stain target image (default: the bundled H&E target).")
     ] = None,
-    preset: Annotated[
-        str, typer.Option(help="Tissue preset: default | biopsy | resection | permissive")
-    ] = "default",
     tissue: Annotated[
-        str | None, typer.Option(help="JSON of TissueParams fields to override, e.g. '{\"use_otsu\": true}'.")
+        str | None, typer.Option(help="Tissue preset: default | biopsy | resection | permissive")
     ] = None,
-    min_tissue: Annotated[float, typer.Option(help="Smallest tissue fraction of a kept ROI.")] = 0.1,
+    tissue_overrides: Annotated[
+        str | None,
+        typer.Option(help="JSON of TissueParams fields to override, e.g. '{\"use_otsu\": true}'."),
+    ] = None,
+    min_tissue: Annotated[
+        float | None, typer.Option(help="Smallest tissue fraction of a kept ROI (default 0.1).")
+    ] = None,
     mpp: Annotated[
         float | None, typer.Option(help="Microns per pixel of every slide (for slides without mpp metadata).")
     ] = None,
-    target_mpp: Annotated[float, typer.Option(help="Microns per pixel of the ROIs (0.5 = 20x).")] = 0.5,
+    target_mpp: Annotated[
+        float | None, typer.Option(help="Microns per pixel of the ROIs (default 0.5 = 20x).")
+    ] = None,
     roi_size: Annotated[
-        int, typer.Option(help="ROI side in pixels at --target-mpp (8 x --patch-size).")
-    ] = 2048,
+        int | None, typer.Option(help="ROI side in pixels at --target-mpp (default 2048 = 8 x --patch-size).")
+    ] = None,
     patch_size: Annotated[int | None, typer.Option(help="Patch side (default --roi-size / 8).")] = None,
     step: Annotated[int | None, typer.Option(help="ROI step at --target-mpp (default --roi-size).")] = None,
     keep_background: Annotated[
         bool, typer.Option("--keep-background", help="Keep blank ROIs (red-channel std < 5).")
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="Patches per encoder forward (whole ROIs).")] = 256,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
-    workers: Annotated[int, typer.Option(help="Slides processed in parallel (processes).")] = 1,
-    read_threads: Annotated[int, typer.Option(help="Reader threads per slide.")] = 2,
-    backend: Annotated[str, typer.Option(help="auto | openslide | tiffslide | image")] = "auto",
+    batch_size: BatchSize = None,
+    device: Device = None,
+    workers: Annotated[int | None, typer.Option(help="Slides processed in parallel (processes).")] = None,
+    read_threads: Annotated[int | None, typer.Option(help="Reader threads per slide.")] = None,
+    backend: Annotated[str | None, typer.Option(help="auto | openslide | tiffslide | image")] = None,
     no_qc: Annotated[bool, typer.Option("--no-qc", help="Do not write QC images.")] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Redo slides that are already done.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ) -> None:
     """Tile slides into 2048-px ROIs at 20x, embed each ROI's 84 multi-scale patches, write one .h5 per slide.
 
-    Resumable (finished slides are skipped), one bad slide does not stop the batch, and the exit status is 1
-    when any slide failed (after the summary table). Reports: OUT/reports/report[.shard-i-of-n].csv.
+    Resumable (finished slides are skipped; --overwrite redoes them), one bad slide does not stop the batch, and
+    the exit status is 1 when any slide failed (after the summary table). Reports:
+    OUT/reports/report[.shard-i-of-n].csv.
     """
-    from msfm.models.roam.preprocess import PreprocessConfig, preprocess_slides, summarize
+    from msfm.models.roam.preprocessing import preprocess as _preprocess
 
     options: dict[str, Any] = {}
     if input_size is not None:
         options["input_size"] = input_size
     if random_init:
         options["random_init"] = True
-    try:
-        config = PreprocessConfig(
-            target_mpp=target_mpp,
-            roi_size=roi_size,
-            patch_size=patch_size if patch_size is not None else max(1, roi_size // 8),
-            step=step,
-            tissue_preset=preset,
-            tissue_overrides=_json_dict(tissue, "--tissue"),
-            min_tissue=min_tissue,
-            skip_background=not keep_background,
-            stain_norm=stain_norm.lower(),
-            stain_target=str(stain_target) if stain_target is not None else None,
-            encoder=encoder,
-            weights=str(weights) if weights is not None else None,
-            encoder_options=options,
-            mpp=mpp,
-            backend=backend,
-            batch_size=batch_size,
-            device=device,
-            workers=workers,
-            read_threads=read_threads,
-            qc=not no_qc,
-        )
-    except MsfmInputError:
-        raise
-    except Exception as err:  # pydantic ValidationError: say which option is wrong
-        msg = f"Invalid preprocessing options: {err}"
-        raise MsfmInputError(msg) from err
-    report = preprocess_slides(slides, out, config, shard=shard, overwrite=overwrite, progress=not quiet)
-    _print_summary(report)
-    counts = summarize(report)
-    if counts["failed"]:
+    overrides: dict[str, Any] = {
+        "encoder": encoder,
+        "weights": str(weights) if weights is not None else None,
+        "encoder_options": options or None,
+        "stain_norm": stain_norm.lower() if stain_norm else None,
+        "stain_target": str(stain_target) if stain_target is not None else None,
+        "tissue_preset": tissue,
+        "tissue_overrides": _json_dict(tissue_overrides, "--tissue-overrides"),
+        "min_tissue": min_tissue,
+        "mpp": mpp,
+        "target_mpp": target_mpp,
+        "roi_size": roi_size,
+        "patch_size": patch_size,
+        "step": step,
+        "skip_background": False if keep_background else None,
+        "batch_size": batch_size,
+        "device": device,
+        "workers": workers,
+        "read_threads": read_threads,
+        "backend": backend,
+        "qc": False if no_qc else None,
+    }
+    result = _preprocess(
+        slides,
+        out,
+        config=config,
+        shard=shard,
+        overwrite=overwrite,
+        progress=not quiet,
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
+    _print_summary(result.report, result.counts)
+    if result.n_failed:
         typer.secho(
-            f"{counts['failed']} of {len(report)} slides failed; see the error column of the report in "
+            f"{result.n_failed} of {len(result.report)} slides failed; see the error column of the report in "
             f"{out / 'reports'}. Fix them and run the same command again: finished slides are skipped.",
             fg=typer.colors.RED,
             err=True,
@@ -137,34 +145,27 @@ def preprocess(
         raise SystemExit(1)
 
 
-def _print_summary(report: Any) -> None:
-    """A table of the report (rich when available) and the counts per status."""
-    from msfm.models.roam.preprocess import summarize
+def _print_summary(report: Any, counts: dict[str, int]) -> None:
+    """A table of the report and the counts per status."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
-    counts = summarize(report)
-    try:
-        from rich.console import Console
-        from rich.table import Table
-        from rich.text import Text
-    except ImportError:  # pragma: no cover - rich ships with typer
-        for rec in report.itertuples():
-            typer.echo(f"{rec.slide_id}\t{rec.status}\t{rec.n_roi}\t{rec.seconds}\t{rec.error}")
-    else:
-        table = Table(title="msfm roam preprocess", show_lines=False)
-        for col in ("slide", "status", "ROIs", "background", "seconds", "error"):
-            table.add_column(col, overflow="fold")
-        colour = {"ok": "green", "skipped": "cyan", "failed": "red"}
-        for rec in report.itertuples():
-            # Text, not markup: error messages contain brackets ([n_roi, 84, d]) that rich would parse.
-            table.add_row(
-                Text(str(rec.slide_id)),
-                Text(str(rec.status), style=colour.get(str(rec.status), "")),
-                str(rec.n_roi),
-                str(rec.n_background),
-                f"{float(rec.seconds):.1f}",
-                Text(str(rec.error) if isinstance(rec.error, str) else ""),
-            )
-        Console(width=160).print(table)
+    table = Table(title="msfm roam preprocess", show_lines=False)
+    for col in ("slide", "status", "ROIs", "background", "seconds", "error"):
+        table.add_column(col, overflow="fold")
+    colour = {"ok": "green", "skipped": "cyan", "failed": "red"}
+    for rec in report.itertuples():
+        # Text, not markup: error messages contain brackets ([n_roi, 84, d]) that rich would parse.
+        table.add_row(
+            Text(str(rec.slide_id)),
+            Text(str(rec.status), style=colour.get(str(rec.status), "")),
+            str(rec.n_roi),
+            str(rec.n_background),
+            f"{float(rec.seconds):.1f}",
+            Text(str(rec.error) if isinstance(rec.error, str) else ""),
+        )
+    Console(width=160).print(table)
     typer.echo(
         f"ok {counts['ok']}, skipped {counts['skipped']}, failed {counts['failed']} (of {len(report)})"
     )

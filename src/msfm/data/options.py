@@ -10,13 +10,13 @@ and the CLI offers them as the same options on every command (``--layer``, ``--g
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from msfm.errors import MsfmInputError
+from msfm.runtime.kwargs import did_you_mean
 
 __all__ = ["CellReadOptions", "SpatialReadOptions"]
 
@@ -58,16 +58,14 @@ class CellReadOptions(BaseModel):
         known = set(cls.model_fields)
         unknown = [k for k in options if k not in known]
         if unknown:
-            candidates = sorted(known | set(verb_parameters))
-            parts = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, candidates, n=2, cutoff=0.6)
-                parts.append(
-                    f"{key!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
-                )
+            own = (
+                f"Its own keywords are: {', '.join(sorted(set(verb_parameters)))}; r"
+                if verb_parameters
+                else "R"
+            )
             msg = (
-                f"Unknown keyword argument(s) {', '.join(parts)}. Reading options are: {', '.join(sorted(known))} "
-                f"(see msfm.data.{cls.__name__})."
+                f"Unknown keyword argument(s) {did_you_mean(unknown, known | set(verb_parameters))}. {own}eading options are: "
+                f"{', '.join(sorted(known))} (see msfm.data.{cls.__name__})."
             )
             raise MsfmInputError(msg)
         try:

@@ -48,5 +48,7 @@ def prepare_cells(
         species=options.species,
         use_aliases=options.use_aliases,
         min_panel_fraction=options.min_panel_fraction,
+        # a stricter minimum moves the warning threshold with it (the minimum may not exceed it)
+        warn_panel_fraction=max(0.5, options.min_panel_fraction),
     )
     return source, mapping

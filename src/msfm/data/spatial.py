@@ -4,6 +4,10 @@ Convention used across msfm: ``adata.obsm["spatial"]`` holds ``[n, 2]`` coordina
 unit of ``obsm``) converts them to micrometres; tissue sections are told apart by an ``obs`` column
 (``section_key``). :func:`spatial_coords` checks all of this once and returns a :class:`SpatialCoords`.
 
+Spatial verbs read their input with :func:`as_spatial_anndata`: an AnnData, any file :func:`msfm.data.read` knows,
+or a Space Ranger ``outs`` folder (detected by its ``spatial/`` subfolder). :func:`read_positions` reads the
+``x``/``y`` table of new positions or of a region polygon.
+
 Visium geometry (used by :func:`read_visium`): spots sit on a hexagonal lattice with 100 µm centre-to-centre
 spacing. Space Ranger's ``scalefactors_json.json`` gives ``spot_diameter_fullres``, which 10x Genomics defines as
 the number of full-resolution pixels spanning a *theoretical 65 µm spot* (the capture spots themselves are 55 µm
@@ -32,6 +36,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "VISIUM_SPOT_DIAMETER_UM",
     "SpatialCoords",
+    "as_spatial_anndata",
+    "is_visium_folder",
+    "read_positions",
     "read_visium",
     "spatial_coords",
     "visium_positions",
@@ -514,3 +521,71 @@ def read_visium(
         "library_id": str(lib),
     }
     return adata
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+def is_visium_folder(path: PathLike) -> bool:
+    """True for a folder with a ``spatial/`` subfolder (the layout of a Space Ranger ``outs`` folder)."""
+    p = Path(path)
+    return p.is_dir() and (p / "spatial").is_dir()
+
+
+def as_spatial_anndata(data: ad.AnnData | PathLike, *, copy: bool = False) -> ad.AnnData:
+    """The AnnData a spatial verb works on: ``data`` itself (or a copy), a file, or a Visium ``outs`` folder.
+
+    A Visium folder is read with :func:`read_visium`: its ``filtered_feature_bc_matrix.h5``, or the only ``.h5``
+    matrix of the folder. Everything else goes through :func:`msfm.data.as_anndata`.
+
+    Raises:
+        MsfmInputError: a missing path, an unknown format, or a Visium folder without exactly one ``.h5`` matrix.
+    """
+    from msfm.data.readers import as_anndata
+
+    if isinstance(data, ad.AnnData) or not is_visium_folder(data):
+        return as_anndata(data, copy=copy)
+    path = Path(data)
+    default = "filtered_feature_bc_matrix.h5"
+    if (path / default).is_file():
+        return read_visium(path)
+    found = sorted(p.name for p in path.glob("*.h5"))
+    if len(found) != 1:
+        msg = (
+            f"{path} looks like a Visium outs folder (it has spatial/) but holds {len(found)} .h5 matrices "
+            f"{found[:5]} and no {default}; expected exactly one."
+        )
+        raise MsfmInputError(msg)
+    return read_visium(path, counts_file=found[0])
+
+
+def read_positions(path: PathLike, *, what: str = "positions") -> np.ndarray:
+    """``[k, 2]`` float64 coordinates from the ``x`` and ``y`` columns of a CSV/TSV file (one point a row).
+
+    Args:
+        path: ``.csv``, or ``.tsv``/``.tab``/``.txt`` (tab-separated); column names are matched case-insensitively.
+        what: what the points are, for error messages (``"positions"``, ``"region_polygon"``).
+
+    Raises:
+        MsfmInputError: missing file or columns, no rows, non-numeric or non-finite values.
+    """
+    p = Path(path)
+    if not p.is_file():
+        msg = f"{what}: {p} does not exist."
+        raise MsfmInputError(msg)
+    sep = "\t" if p.suffix.lower() in (".tsv", ".tab", ".txt") else ","
+    table = pd.read_csv(p, sep=sep)
+    cols = {str(c).strip().lower(): c for c in table.columns}
+    if "x" not in cols or "y" not in cols:
+        msg = f"{what}: {p} needs columns x and y; it has {list(table.columns)[:20]}."
+        raise MsfmInputError(msg)
+    if table.empty:
+        msg = f"{what}: {p} has no rows."
+        raise MsfmInputError(msg)
+    try:
+        xy = table[[cols["x"], cols["y"]]].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        msg = f"{what}: {p}: columns x and y must be numbers."
+        raise MsfmInputError(msg) from None
+    if not np.isfinite(xy).all():
+        msg = f"{what}: {p}: x and y must be finite numbers (found NaN/inf or empty cells)."
+        raise MsfmInputError(msg)
+    return xy

@@ -56,12 +56,9 @@ def _markers(
 
 def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the GeST demo into ``out/gest`` and return its metrics (also in ``out/gest/metrics.json``)."""
+    import msfm
     from msfm.data.spatial import spatial_coords
     from msfm.datasets.spatial import scc_st, semi_real_tissue
-    from msfm.models.gest.api import embed
-    from msfm.models.gest.evaluate import evaluate_generation, evaluate_niches, held_out_windows
-    from msfm.models.gest.perturb import perturb
-    from msfm.models.gest.train import GestTrainConfig, train
     from msfm.pl.spatial import generation_figure, spatial_scatter
     from msfm.runtime.atomic import atomic_write_json
 
@@ -75,8 +72,9 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
     t0 = time.perf_counter()
     adata = scc_st()
     xy = spatial_coords(adata).xy
-    held = held_out_windows(xy, side_um=400.0, n_windows=4, seed=seed)
-    cfg = GestTrainConfig(
+    gest = msfm.gest
+    held = gest.held_out_windows(xy, side_um=400.0, n_windows=4, seed=seed)
+    cfg = gest.GestTrainConfig(
         preset="gest-tiny",
         n_genes=2000,
         n_metacells=64,
@@ -88,13 +86,20 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
         seed=seed,
         trainer=_opts(steps, seed),
     )
-    model = train(adata, root / "scc_run", cfg, train_mask=~held)
+    model = gest.train(adata, root / "scc_run", config=cfg, held_out=held)
     timings["train_scc_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     baselines = ("mean", "knn") if quick else ("mean", "knn", "mlp", "gp")
-    ev = evaluate_generation(
-        adata, model, held_out=held, baselines=baselines, pre_normalized=True, seed=seed, device="cpu"
+    ev = gest.evaluate(
+        adata,
+        model,
+        held_out=held,
+        baselines=baselines,
+        pre_normalized=True,
+        seed=seed,
+        device="cpu",
+        progress=False,
     )
     ev.table.to_csv(root / "generation.csv")
     gene = int(ev.top_genes[0])
@@ -110,7 +115,9 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
     timings["generation_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    niches = evaluate_niches(adata, model, label_key="cluster", pre_normalized=True, seed=seed, device="cpu")
+    niches = gest.evaluate_niches(
+        adata, model, labels_key="cluster", pre_normalized=True, seed=seed, device="cpu"
+    )
     niches.to_csv(root / "niches_scc.csv")
     timings["niches_scc_s"] = time.perf_counter() - t0
 
@@ -135,7 +142,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
         "genes_down": down,
     }
     for mode in ("requantize", "continuous"):
-        res = perturb(
+        res = gest.perturb(
             adata,
             model,
             region_box=box,
@@ -150,6 +157,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
             reference_profile=reference,
             pre_normalized=True,
             device="cpu",
+            progress=False,
             seed=seed,
         )
         keep = (
@@ -173,7 +181,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
     # 3. Semi-real tissue (synthetic arrangement): niche domains ------------------------------------------------
     t0 = time.perf_counter()
     tissue = semi_real_tissue(n_cells=800 if quick else 1500, n_domains=4, side_um=1000.0, seed=seed)
-    cfg_t = GestTrainConfig(
+    cfg_t = gest.GestTrainConfig(
         preset="gest-tiny",
         n_genes=500,
         n_metacells=48,
@@ -184,13 +192,12 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
         seed=seed,
         trainer=_opts(steps, seed),
     )
-    model_t = train(tissue, root / "tissue_run", cfg_t)
-    tissue_niches = evaluate_niches(
-        tissue, model_t, label_key="domain", max_cells=64, seed=seed, device="cpu"
+    model_t = gest.train(tissue, root / "tissue_run", config=cfg_t)
+    tissue_niches = gest.evaluate_niches(
+        tissue, model_t, labels_key="domain", max_cells=64, seed=seed, device="cpu"
     )
     tissue_niches.to_csv(root / "niches_semi_real.csv")
-    work = tissue.copy()
-    embed(work, model_t, max_cells=64, device="cpu")
+    work = gest.embed(tissue, model_t, max_cells=64, device="cpu", progress=False, copy=True)
     from sklearn.cluster import KMeans
 
     km = KMeans(n_clusters=int(tissue.obs["domain"].nunique()), n_init=10, random_state=seed)

@@ -32,11 +32,14 @@ __all__ = ["report_section", "run"]
 
 
 def _train(table: Path, features: Path, run: Path, task: str, *, quick: bool, seed: int) -> Any:
-    from msfm.models.roam.train import RoamTrainConfig, train
+    import msfm
 
-    config = RoamTrainConfig(
+    return msfm.roam.train(
+        features,
+        run,
+        slides=table,
         task=task,
-        model="roam-tiny",
+        preset="roam-tiny",
         folds=2 if quick else 3,
         test_frac=0.25,
         seed=seed,
@@ -47,16 +50,20 @@ def _train(table: Path, features: Path, run: Path, task: str, *, quick: bool, se
         patience=8,
         lr=5e-4,
         progress_bar=False,
+        overwrite=True,
     )
-    return train(table, features, run, config, overwrite=True)
+
+
+def _test_ids(run: Any) -> set[str]:
+    """Slides of the run's held-out test set (none without ``test_predictions.csv``)."""
+    path = Path(run.run_dir) / "test_predictions.csv"
+    return set(pd.read_csv(path, dtype={"slide_id": str})["slide_id"]) if path.is_file() else set()
 
 
 def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the ROAM demo into ``out/roam`` and return its metrics (also written to ``out/roam/metrics.json``)."""
+    import msfm
     from msfm.datasets.histology import build_cohort
-    from msfm.models.roam.heatmaps import write_heatmaps
-    from msfm.models.roam.predict import CascadeStage, cascade
-    from msfm.models.roam.preprocess import PreprocessConfig, preprocess_slides
     from msfm.runtime.atomic import atomic_write_json
 
     root = Path(out) / "roam"
@@ -80,12 +87,14 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
     timings["cohort_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    prep_cfg = PreprocessConfig(encoder="colour_stats", min_tissue=0.1)
-    report = preprocess_slides(cohort, root / "preprocessed", prep_cfg, progress=False)
+    encoder = "colour_stats"
+    prep = msfm.roam.preprocess(
+        cohort, root / "preprocessed", encoder=encoder, min_tissue=0.1, progress=False
+    )
     timings["preprocess_s"] = time.perf_counter() - t0
-    n_ok = int((report["status"] != "failed").sum())
-    n_roi = int(report["n_roi"].fillna(0).sum())
-    features = root / "preprocessed" / "features"
+    n_ok = int((prep.report["status"] != "failed").sum())
+    n_roi = int(prep.report["n_roi"].fillna(0).sum())
+    features = prep.features
 
     t0 = time.perf_counter()
     source_run = _train(table, features, root / "run_source", "source", quick=quick, seed=seed)
@@ -96,11 +105,17 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
 
     t0 = time.perf_counter()
     stages = [
-        CascadeStage("source", root / "run_source"),
-        CascadeStage("restained", root / "run_restained", when="source==cmu"),
+        msfm.roam.CascadeStage("source", source_run),
+        msfm.roam.CascadeStage("restained", restained_run, when="source==cmu"),
     ]
-    casc = cascade(stages, features, cohort[["slide_id"]], device="cpu")
-    casc.to_csv(root / "cascade_predictions.csv", index=False)
+    casc = msfm.roam.cascade(
+        features,
+        stages,
+        slides=cohort[["slide_id"]],
+        device="cpu",
+        out=root / "cascade_predictions.csv",
+        overwrite=True,
+    ).table
     truth = cohort.set_index("slide_id")
     merged = casc.set_index("slide_id").join(truth[["source", "restained", "label"]], rsuffix="_true")
     # The cascade's final call for each slide: tia, cmu (original stain) or cmu_restained.
@@ -112,8 +127,8 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
             merged["restained"].map({"yes": "cmu_restained", "no": "cmu"}).fillna("cmu"),
         )
     )
-    test_ids = set(source_run.test["slide_id"]) if source_run.test is not None else set()
-    restained_test = set(restained_run.test["slide_id"]) if restained_run.test is not None else set()
+    test_ids = _test_ids(source_run)
+    restained_test = _test_ids(restained_run)
     # Held out from every model the slide passes through: the source test set, and for CMU slides also the
     # restained test set (the two runs draw their own splits).
     held_out = [
@@ -129,10 +144,10 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
 
     t0 = time.perf_counter()
     heat_ids = sorted(test_ids)[: (1 if quick else 2)] or list(cohort["slide_id"][:1])
-    write_heatmaps(
-        root / "run_source",
+    msfm.roam.heatmap(
         features,
-        root / "heatmaps",
+        source_run,
+        out=root / "heatmaps",
         slides=heat_ids,
         top_k=4,
         bottom_k=2,
@@ -148,7 +163,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
         m = run.metrics
         keep = ("accuracy", "balanced_accuracy", "macro_f1", "auc_macro")
         return {
-            "classes": run.class_names,
+            "classes": m["classes"],
             "n_folds": m["n_folds"],
             "oof": {k: m["oof"].get(k) for k in keep},
             "test_ensemble": {k: (m.get("test_ensemble") or {}).get(k) for k in keep},
@@ -162,7 +177,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
         "n_slides": len(cohort),
         "n_slides_ok": n_ok,
         "n_rois": n_roi,
-        "encoder": prep_cfg.encoder,
+        "encoder": encoder,
         "classes": cohort["label"].value_counts().to_dict(),
         "source": summary(source_run),
         "restained": summary(restained_run),

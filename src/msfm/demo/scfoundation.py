@@ -69,9 +69,9 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
     import anndata as ad
 
     import msfm
-    from msfm.models.scfoundation.api import embed, enhance
-    from msfm.models.scfoundation.train import PretrainRunConfig, pretrain
     from msfm.pl import embedding_panels, metric_bars, training_curve
+
+    sf = msfm.scfoundation
 
     out = Path(out)
     fig_dir = out / "figures"
@@ -86,28 +86,28 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
 
     # 1. pretrain ------------------------------------------------------------------------------------------
     steps = 40 if quick else 900
-    cfg = PretrainRunConfig(preset="scfoundation-tiny").with_overrides(
-        {
-            "max_steps": steps,
-            "batch_size": 8,
-            "lr": 2e-3,
-            "warmup_steps": max(1, steps // 20),
-            "seed": seed,
-            "accelerator": "cpu",
-            "devices": 1,
-            "checkpoint_every_n_steps": max(10, steps // 5),
-            # The 738 panel genes this dataset has: the decoder then spans 740 positions instead of 19,266.
-            "gene_panel": "data",
-        },
+    t0 = time.perf_counter()
+    ckpt = sf.train(
+        adata,
+        out / "pretrain_run",
+        preset="scfoundation-tiny",
+        max_steps=steps,
+        batch_size=8,
+        lr=2e-3,
+        warmup_steps=max(1, steps // 20),
+        seed=seed,
+        accelerator="cpu",
+        devices=1,
+        checkpoint_every_n_steps=max(10, steps // 5),
+        # The 738 panel genes this dataset has: the decoder then spans 740 positions instead of 19,266.
+        gene_panel="data",
         progress_bar=True,
     )
-    t0 = time.perf_counter()
-    ckpt = pretrain([adata], out / "pretrain_run", cfg)
     timings["pretrain_s"] = time.perf_counter() - t0
 
     # 2. embed + cluster vs PCA -----------------------------------------------------------------------------
     t0 = time.perf_counter()
-    embed(adata, ckpt, batch_size=64, device="cpu", target_depth="f1", progress=False)
+    sf.embed(adata, ckpt, batch_size=64, device="cpu", target_depth="f1", progress=False)
     timings["embed_s"] = time.perf_counter() - t0
     x_sf = adata.obsm["X_scfoundation"]
     x_pca = _pca(counts, seed=seed)
@@ -134,16 +134,18 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
     )
     low.layers["counts"] = low.X.copy()
     # T = log10 of the original depth: S + log10(1 / rate).
-    enhance(low, ckpt, target_depth=f"a{np.log10(1 / rate):.4f}", batch_size=16, device="cpu", progress=False)
-    embed(low, ckpt, batch_size=64, device="cpu", target_depth="f1", progress=False, key_added="X_sf_low")
-    embed(
+    sf.enhance(
+        low, ckpt, target_depth=f"a{np.log10(1 / rate):.4f}", batch_size=16, device="cpu", progress=False
+    )
+    sf.embed(low, ckpt, batch_size=64, device="cpu", target_depth="f1", progress=False, key_added="sf_low")
+    sf.embed(
         low,
         ckpt,
         batch_size=64,
         device="cpu",
         target_depth=f"a{np.log10(1 / rate):.4f}",
         progress=False,
-        key_added="X_sf_low_enhanced",
+        key_added="sf_low_enhanced",
     )
     timings["enhance_s"] = time.perf_counter() - t0
     enhanced = low.layers["scfoundation_enhanced"]
@@ -177,7 +179,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
         "clustering": clustering,
         "enhancement_clustering": enhancement,
         "enhancement_fidelity": fidelity,
-        "gene_mapping": adata.uns["scfoundation"]["gene_mapping"],
+        "gene_mapping": adata.uns["scfoundation"]["embed"]["gene_mapping"],
         "timings": timings,
         "has_curve": curve is not None,
     }

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 logger = logging.getLogger(__name__)
@@ -91,10 +90,9 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
     from msfm.data import CellSource
     from msfm.data.normalize import normalized_rows
     from msfm.eval.metrics import classification_scores
-    from msfm.models.scmulan.api import annotate, generate, perturb
-    from msfm.models.scmulan.inference import load_model
-    from msfm.models.scmulan.train import ScMulanTrainConfig, train
     from msfm.pl import line_plot, metric_bars
+
+    sm = msfm.scmulan
 
     out = Path(out)
     fig_dir = out / "figures"
@@ -115,7 +113,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
 
     # 1. train ------------------------------------------------------------------------------------------------
     steps = 30 if quick else 1000
-    cfg = ScMulanTrainConfig(
+    cfg = sm.ScMulanTrainConfig(
         preset="scmulan-tiny",
         meta_columns={"cell_type": "cell_type", "coarse_cell_type": "lineage"},
         tasks={"annotate": 2.0, "generate": 1.0},
@@ -128,26 +126,27 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
         # minutes on 2 cores; the release's vocabulary is likewise a set of highly variable genes (2,000).
         n_genes=256,
         seed=seed,
-    ).with_overrides(
-        {
-            "max_steps": steps,
-            "batch_size": 16,
-            "lr": 1e-3,
-            "warmup_steps": max(1, steps // 20),
-            "accelerator": "cpu",
-            "devices": 1,
-            "checkpoint_every_n_steps": max(10, steps // 5),
-        },
-        progress_bar=True,
     )
     t0 = time.perf_counter()
-    ckpt = train(train_cells, out / "scmulan_run", cfg)
+    run = sm.train(
+        train_cells,
+        out / "scmulan_run",
+        config=cfg,
+        max_steps=steps,
+        batch_size=16,
+        lr=1e-3,
+        warmup_steps=max(1, steps // 20),
+        accelerator="cpu",
+        devices=1,
+        checkpoint_every_n_steps=max(10, steps // 5),
+        progress_bar=True,
+    )
     timings["train_s"] = time.perf_counter() - t0
-    loaded = load_model(ckpt, device="cpu")
+    loaded = sm.load(run, device="cpu")
 
     # 2. annotation vs logistic regression -------------------------------------------------------------------
     t0 = time.perf_counter()
-    annotate(test_cells, loaded, min_confidence=0.0, batch_size=32, device="cpu", progress=False)
+    sm.predict(test_cells, loaded, min_confidence=0.0, batch_size=32, device="cpu", progress=False)
     timings["annotate_s"] = time.perf_counter() - t0
     truth = test_cells.obs["cell_type"].astype(str).to_numpy()
     pred_fine = test_cells.obs["scmulan_cell_type_fine"].astype(str).to_numpy()
@@ -178,16 +177,16 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
     t0 = time.perf_counter()
     n_gen = 6 if quick else 40
     types = sorted(set(truth))
-    gen = generate(
-        loaded,
+    gen = sm.generate(
         [{"cell_type": t, "coarse_cell_type": PBMC_LINEAGE[t]} for t in types],
+        loaded,
         n_per_prompt=n_gen,
         seed=seed,
         device="cpu",
         progress=False,
     )
     timings["generate_s"] = time.perf_counter() - t0
-    tok = loaded.tokenizer()
+    tok = sm.tokenizer_for(loaded)
     from msfm.data import GenePanel, harmonize_genes
 
     mapping = harmonize_genes(test_cells.var, GenePanel.from_symbols(loaded.vocab.genes, name="scmulan"))
@@ -218,11 +217,11 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
     diff = ref_binned[all_labels == target].mean(0) - ref_binned[all_labels == source].mean(0)
     gene = loaded.vocab.genes[int(np.argmax(diff))]
     levels = [0, 5, 10] if quick else [0, 2, 4, 6, 8, 10]
-    _, scores = perturb(
-        loaded,
+    scores = sm.perturb(
         {"cell_type": source, "coarse_cell_type": PBMC_LINEAGE[source]},
-        [gene],
-        levels,
+        loaded,
+        genes=[gene],
+        levels=levels,
         n_cells=6 if quick else 40,
         reference=adata,
         group_key="cell_type",
@@ -231,9 +230,8 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
         seed=seed,
         device="cpu",
         progress=False,
-    )
+    ).scores
     timings["perturb_s"] = time.perf_counter() - t0
-    scores = pd.DataFrame(scores)
     rows = scores[scores["gene"] == gene].sort_values("level")
     score_cols = [c for c in rows.columns if c.startswith("score_")]
     line_plot(

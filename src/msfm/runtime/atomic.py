@@ -28,6 +28,7 @@ PathLike = str | os.PathLike[str]
 __all__ = [
     "PathLike",
     "atomic_dir",
+    "atomic_path",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -111,6 +112,41 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, *, suffix: str = "") -> Iterator[Path]:
+    """A fresh temporary sibling path for writers that need a file name (h5py, anndata, numpy); moved onto
+    ``path`` when the block succeeds.
+
+    The temporary name is unpredictable and created exclusively (``mkstemp``), so no existing file or planted
+    link is ever opened. The writer may replace the empty placeholder. If the block raises, the temporary file is
+    removed and an existing ``path`` is left untouched.
+
+    Args:
+        path: final file path; its folder must exist.
+        suffix: suffix of the temporary name (``".h5ad"`` keeps writers from second-guessing the format).
+
+    Yields:
+        The temporary path to write.
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        msg = f"Cannot write {target}: the folder {target.parent} does not exist. Create it first."
+        raise MsfmInputError(msg)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:

@@ -140,6 +140,7 @@ def build_settings(
         data: dict[str, Any] = base.model_dump()
     else:
         data = dict(base or {})
+    full_base = isinstance(base, BaseModel)
     if file is not None:
         data = _deep_merge(data, read_config_file(file, what=what or cls.__name__))
     for key, value in (overrides or {}).items():
@@ -159,7 +160,23 @@ def build_settings(
             node[part] = dict(current)
             node = node[part]
         node[path[-1]] = value
+    if not full_base:
+        data = _with_section_defaults(cls, data)
     return validate_settings(cls, data, what)
+
+
+def _with_section_defaults(cls: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """Partial sections (``optim: {lr: 0.1}``) start from the section's default in ``cls``, not from the section
+    class's own defaults: a family may default ``optim`` to ``OptimConfig(warmup_steps=100)``."""
+    out = dict(data)
+    for name, section in _sections(cls).items():
+        given = out.get(name)
+        if not isinstance(given, Mapping):
+            continue
+        default = cls.model_fields[name].get_default(call_default_factory=True)
+        base = default.model_dump() if isinstance(default, BaseModel) else {}
+        out[name] = _with_section_defaults(section, _deep_merge(base, given))
+    return out
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

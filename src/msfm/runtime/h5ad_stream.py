@@ -8,7 +8,6 @@ every batch has been written, so a crash never leaves a half-written output unde
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from msfm.errors import MsfmInputError
+from msfm.runtime.jsonable import to_uns
 
 _ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
 
@@ -100,21 +100,33 @@ class H5adResultWriter:
         else:
             ds[sorted_idx] = values[order]
 
-    def write_uns_json(self, key: str, value: dict[str, Any]) -> None:
-        """Store ``value`` as ``uns[key]`` (a JSON string; read it back with ``json.loads``)."""
-        _ensure_mapping_group(self._h5, "uns")
-        uns = self._h5["uns"]
-        if key in uns:
-            del uns[key]
-        import h5py
+    def write_uns(self, key: str, verb: str, record: dict[str, Any]) -> None:
+        """``uns[key][verb] = record``, as :func:`msfm.runtime.adata.store_uns` does in memory.
 
-        ds = uns.create_dataset(key, data=json.dumps(value, default=str), dtype=h5py.string_dtype())
-        ds.attrs.update({"encoding-type": "string", "encoding-version": "0.2.0"})
+        A real ``uns`` mapping (not a JSON string), keeping the records of other verbs the input file holds under
+        ``key``.
+        """
+        from anndata.io import read_elem, write_elem
+
+        if "uns" not in self._h5:
+            write_elem(self._h5, "uns", {})
+        uns = self._h5["uns"]
+        merged: dict[str, Any] = {}
+        if key in uns:
+            current = read_elem(uns[key])
+            merged = dict(current) if isinstance(current, dict) else {}
+            del uns[key]
+        merged[verb] = to_uns(record)
+        write_elem(uns, key, merged)
 
     # -- finishing ----------------------------------------------------------------------------------------
     def close(self, *, commit: bool = True) -> None:
         self._h5.close()
         if commit:
+            # mkstemp made the copy 0600; the output gets the permissions a normal open() would give.
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(self._tmp, 0o666 & ~mask)
             os.replace(self._tmp, self.dst)
         else:
             self._tmp.unlink(missing_ok=True)

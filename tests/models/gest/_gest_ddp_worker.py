@@ -9,7 +9,7 @@ import sys
 
 from msfm.datasets import semi_real_tissue
 from msfm.engine.trainer import TrainerOptions
-from msfm.models.gest.train import GestTrainConfig, train
+from msfm.models.gest.pretrain import GestTrainConfig, train
 
 
 def main(run: str) -> None:
@@ -33,7 +33,7 @@ def main(run: str) -> None:
             model_summary=False,
         ),
     )
-    train(tissue, run, config)
+    train(tissue, run, config=config)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import msfm
-from msfm.models.gest.checkpoint import load_model
-from msfm.models.gest.train import WindowStream
+from msfm.models.gest.checkpoint import load
+from msfm.models.gest.pretrain import WindowStream
 
 WORKER = Path(__file__).with_name("_gest_ddp_worker.py")
 
@@ -42,7 +42,7 @@ def test_ddp_training_runs_and_exports(tmp_path: Path) -> None:
         [sys.executable, str(WORKER), str(run)], env=env, capture_output=True, text=True, timeout=180
     )
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    loaded = load_model(run / "model", device="cpu")
+    loaded = load(run / "model", device="cpu")
     assert loaded.meta["extra"]["global_step"] == 4
     assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import msfm
 from msfm.errors import CheckpointError
-from msfm.models.roam.checkpoint import load_model, save_model
+from msfm.models.roam.checkpoint import save_model
 from msfm.models.roam.config import RoamConfig
 from msfm.models.roam.model import Roam, children_index, relative_position_index
 from msfm.registry import create_model
+from msfm.runtime.loaded import Loaded
 
 SMALL = RoamConfig(d_in=16, dim=16, heads=2, dim_head=8, mlp_dim=32, depths=(1, 1, 1, 1, 1), n_classes=3)
 
@@ -138,20 +140,26 @@ def test_dropout_active_only_in_training() -> None:
 def test_checkpoint_round_trip(tmp_path) -> None:
     model = _model(class_names=("a", "b", "c"))
     path = save_model(model, tmp_path / "ckpt", extra={"task": "t", "encoder": {"name": "tiny", "dim": 16}})
-    loaded, meta = load_model(path)
+    loaded = msfm.roam.load(path, device="cpu")
+    assert isinstance(loaded, Loaded)
+    assert loaded.family == "roam"
+    assert loaded.path == path
+    assert loaded.vocab is None
     assert loaded.config == model.config
-    assert meta["extra"]["task"] == "t"
+    assert loaded.extra["task"] == "t"
+    assert not loaded.model.training
     x = torch.randn(1, 3, 84, 16)
-    torch.testing.assert_close(loaded(x).logits, model(x).logits)
+    torch.testing.assert_close(loaded.model(x).logits, model(x).logits)
+    assert msfm.roam.load(loaded, device="cpu") is loaded  # a Loaded passes through
     assert not any("rel_index" in k or "children" in k for k in model.state_dict())
 
 
-def test_load_model_rejects_other_family(tmp_path) -> None:
+def test_load_rejects_other_family(tmp_path) -> None:
     from msfm.runtime.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "x", family="scmulan", config={"a": 1}, state_dict={"w": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="roam"):
-        load_model(tmp_path / "x")
+        msfm.roam.load(tmp_path / "x", device="cpu")
 
 
 def test_bad_input_shapes_are_explained() -> None:
@@ -180,9 +188,16 @@ def test_presets_and_parameter_count() -> None:
 
 
 def test_public_api_names_resolve() -> None:
-    import msfm
+    import importlib
+    import types
+
     import msfm.models.roam as roam
 
     for name in roam.__all__:
         assert getattr(roam, name) is not None, name
     assert msfm.roam.Roam is Roam
+    # Importing every submodule must not replace a verb by a module of the same name.
+    for mod in ("training", "prediction", "preprocessing", "cascades", "evaluation", "heatmaps", "ensemble"):
+        importlib.import_module(f"msfm.models.roam.{mod}")
+    for verb in ("load", "convert", "preprocess", "train", "predict", "cascade", "evaluate", "heatmap"):
+        assert isinstance(getattr(roam, verb), types.FunctionType), verb

@@ -11,20 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
+import msfm
 from msfm.errors import MsfmInputError
+from msfm.models.roam.cascades import CascadeStage, parse_condition, parse_stage, read_cascade_spec
 from msfm.models.roam.checkpoint import save_model
+from msfm.models.roam.ensemble import RoamEnsemble
 from msfm.models.roam.features import SlideFeatures, write_slide_features
 from msfm.models.roam.model import Roam
-from msfm.models.roam.predict import (
-    CascadeStage,
-    cascade,
-    load_ensemble,
-    parse_condition,
-    parse_stage,
-    predict_slides,
-    read_cascade_spec,
-)
 from msfm.registry import preset_config
+from msfm.runtime.loaded import Loaded
 
 D = 16
 TINY = {"dim": 16, "heads": 2, "dim_head": 8, "mlp_dim": 32, "depths": (1, 1, 1, 1, 1)}
@@ -78,6 +73,14 @@ def _run(root: Path, classes: list[str], task: str, seeds=(0, 1)) -> Path:
     return root
 
 
+def predict_slides(run, fd, slides=None, **kw) -> pd.DataFrame:
+    return msfm.roam.predict(fd, run, slides=slides, **kw).table
+
+
+def cascade(stages, fd, **kw) -> pd.DataFrame:
+    return msfm.roam.cascade(fd, stages, **kw).table
+
+
 def _softmax(model: Roam, fd: Path, sid: str) -> np.ndarray:
     from msfm.models.roam.features import read_slide_features
 
@@ -94,8 +97,8 @@ def test_ensemble_is_the_mean_of_fold_softmaxes(tmp_path):
     assert pred.attrs["n_models"] == 2
     assert pred.attrs["task"] == "subtyping"
     cols = ["prob_astro", "prob_oligo", "prob_epend"]
-    f0 = load_ensemble(run / "fold0" / "best").models[0]
-    f1 = load_ensemble(run / "fold1" / "best").models[0]
+    f0 = msfm.roam.load(run / "fold0" / "best", device="cpu").model
+    f1 = msfm.roam.load(run / "fold1" / "best", device="cpu").model
     for i, sid in enumerate(pred.slide_id):
         p0, p1 = _softmax(f0, fd, sid), _softmax(f1, fd, sid)
         np.testing.assert_allclose(pred.loc[i, cols].to_numpy(float), (p0 + p1) / 2, atol=1e-6)
@@ -129,7 +132,7 @@ def test_prediction_errors(tmp_path):
     mixed = _run(tmp_path / "mixed", ["a", "b"], "t")
     save_model(_model(["x", "y"], 3), mixed / "fold1" / "best", extra={"class_names": ["x", "y"]})
     with pytest.raises(MsfmInputError, match="disagree on the classes"):
-        load_ensemble(mixed)
+        msfm.roam.load(mixed, device="cpu")
 
 
 def test_condition_and_stage_parsing(tmp_path):
@@ -210,3 +213,123 @@ def test_cascade_rejects_bad_conditions(tmp_path):
     assert (out.b == "").all()
     assert out.b_prob_tumour.isna().all()
     assert not math.isnan(out.a_confidence[0])
+
+
+# --- the public shape: load, Results, out=, text stages, evaluate, deprecated names ---------------------------
+
+
+def test_load_gives_one_model_or_the_fold_ensemble(tmp_path):
+    run = _run(tmp_path / "run", ["a", "b", "c"], "t")
+    one = msfm.roam.load(run / "fold0" / "best", device="cpu")
+    assert isinstance(one.model, Roam)
+    assert one.extra["class_names"] == ["a", "b", "c"]
+    ens = msfm.roam.load(run, device="cpu")
+    assert isinstance(ens, Loaded)
+    assert isinstance(ens.model, RoamEnsemble)
+    assert isinstance(ens.model.models, torch.nn.ModuleList)
+    assert len(ens.model) == 2
+    assert ens.path == run
+    assert ens.config == ens.model.models[0].config
+    assert (ens.model.class_names, ens.model.task, ens.model.encoder) == (["a", "b", "c"], "t", "synthetic")
+    assert ens.extra["class_names"] == ["a", "b", "c"]
+    assert ens.extra["n_models"] == 2
+    assert ens.extra["feature_dim"] == D
+    # forward = mean softmax over the folds
+    x = torch.randn(1, 3, 84, D)
+    with torch.no_grad():
+        mean = (ens.model.models[0](x).logits.softmax(-1) + ens.model.models[1](x).logits.softmax(-1)) / 2
+        torch.testing.assert_close(ens.model(x), mean)
+    # a list, or text joined by '+', is one ensemble without a path
+    for source in ([run / "fold0" / "best", run / "fold1" / "best"], f"{run}/fold0/best+{run}/fold1/best"):
+        listed = msfm.roam.load(source, device="cpu")
+        assert isinstance(listed.model, RoamEnsemble)
+        assert listed.path is None
+        assert len(listed.model) == 2
+    with pytest.raises(MsfmInputError, match="neither an msfm ROAM checkpoint"):
+        msfm.roam.load(tmp_path, device="cpu")
+
+
+def test_predict_takes_a_loaded_writes_out_and_saves(tmp_path):
+    fd = _features(tmp_path, n=4)
+    run = _run(tmp_path / "run", ["a", "b"], "t")
+    res = msfm.roam.predict(fd, run, device="cpu")
+    assert isinstance(res, msfm.roam.SlidePredictions)
+    assert (res.class_names, res.task, res.n_models) == (["a", "b"], "t", 2)
+    loaded = msfm.roam.load(run, device="cpu")
+    out = tmp_path / "preds.csv"
+    again = msfm.roam.predict(fd, loaded, device="cpu", out=out)
+    pd.testing.assert_frame_equal(res.table, again.table)
+    pd.testing.assert_frame_equal(pd.read_csv(out), res.table, check_dtype=False)
+    with pytest.raises(MsfmInputError, match="already exists"):
+        msfm.roam.predict(fd, loaded, device="cpu", out=out)
+    saved = res.save(tmp_path / "saved")
+    assert json.loads((saved / "result.json").read_text())["class_names"] == ["a", "b"]
+    assert len(pd.read_csv(saved / "table.csv")) == 4
+
+
+def test_cascade_stages_as_text_and_spec(tmp_path):
+    fd = _features(tmp_path, n=6, seed=4)
+    det = _run(tmp_path / "det", ["normal", "tumour"], "detection", seeds=(10, 11))
+    sub = _run(tmp_path / "sub", ["astro", "oligo"], "subtyping", seeds=(20,))
+    objects = [CascadeStage("det", det), CascadeStage("sub", sub, when="det==tumour")]
+    texts = [f"det={det}", f"sub={sub}:det==tumour"]
+    a = msfm.roam.cascade(fd, objects, device="cpu")
+    b = msfm.roam.cascade(fd, texts, device="cpu", out=tmp_path / "c.csv")
+    pd.testing.assert_frame_equal(a.table, b.table)
+    assert b.stage_order == ["det", "sub"]
+    assert b.stages[0]["n_slides"] == 6
+    assert (tmp_path / "c.csv").is_file()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"stages:\n  - {{name: det, run: {det}}}\n  - {{name: sub, run: {sub}, when: det==tumour}}\n"
+    )
+    pd.testing.assert_frame_equal(msfm.roam.cascade(fd, spec, device="cpu").table, a.table)
+    with pytest.raises(MsfmInputError, match="at least one stage"):
+        msfm.roam.cascade(fd, [], device="cpu")
+
+
+def test_evaluate_scores_predictions_and_cascade_stages(tmp_path):
+    fd = _features(tmp_path, n=8, seed=2)
+    run = _run(tmp_path / "run", ["a", "b"], "t")
+    preds = msfm.roam.predict(fd, run, device="cpu")
+    truth = preds.table[["slide_id"]].assign(label=preds.table["pred"].map({"a": "1", "b": "2"}))
+    truth.loc[0, "label"] = None  # unlabelled: left out
+    res = msfm.roam.evaluate(preds, truth, task="label", label_map="1=a,2=b", out=tmp_path / "m.json")
+    assert isinstance(res, msfm.roam.EvaluationResult)
+    assert res.metrics["n"] == 7
+    assert res.metrics["n_skipped"] == 1
+    assert res.metrics["accuracy"] == 1.0  # the labels are the predictions
+    assert json.loads((tmp_path / "m.json").read_text())["n"] == 7
+    assert res.class_names == ["a", "b"]
+    with pytest.raises(MsfmInputError, match="already exists"):
+        msfm.roam.evaluate(preds, truth, task="label", label_map="1=a,2=b", out=tmp_path / "m.json")
+    with pytest.raises(MsfmInputError, match=r"Labels \['1', '2'\]"):
+        msfm.roam.evaluate(preds.table, truth, task="label")
+    casc = msfm.roam.cascade(fd, [f"x={run}"], device="cpu")
+    with pytest.raises(MsfmInputError, match="stage=NAME"):
+        msfm.roam.evaluate(casc, truth, task="label")
+    staged = msfm.roam.evaluate(casc, truth, task="label", stage="x", label_map={"1": "a", "2": "b"})
+    assert staged.metrics["accuracy"] == res.metrics["accuracy"]
+    bad = truth.assign(slide_id=["../x", *truth.slide_id[1:]])
+    with pytest.raises(MsfmInputError, match="Invalid slide id"):
+        msfm.roam.evaluate(preds, bad, task="label")
+
+
+def test_old_names_warn_and_keep_their_return_types(tmp_path):
+    import warnings
+
+    fd = _features(tmp_path, n=3)
+    run = _run(tmp_path / "run", ["a", "b"], "t")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = msfm.roam.predict_slides(run, fd, device="cpu")
+        model, meta = msfm.roam.load_model(run / "fold0" / "best")
+        ens = msfm.roam.load_ensemble(run)
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert any("msfm.roam.predict(" in m for m in messages)
+    assert any("msfm.roam.load(" in m for m in messages)
+    assert isinstance(table, pd.DataFrame)
+    assert len(table) == 3
+    assert isinstance(model, Roam)
+    assert meta["extra"]["task"] == "t"
+    assert isinstance(ens, RoamEnsemble)

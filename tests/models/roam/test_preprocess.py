@@ -20,12 +20,9 @@ from msfm.datasets.histology import load_image, write_pyramid_tiff
 from msfm.errors import MsfmInputError
 from msfm.models.roam.encoders import build_encoder
 from msfm.models.roam.features import read_slide_features
-from msfm.models.roam.preprocess import (
-    PreprocessConfig,
-    collect_slides,
-    parse_shard,
-    preprocess_slides,
-)
+from msfm.models.roam.preprocess_config import PreprocessConfig
+from msfm.models.roam.preprocessing import PreprocessResult, preprocess
+from msfm.models.roam.slide_inputs import collect_slides, parse_shard
 
 CFG = PreprocessConfig(encoder="tiny", roi_size=512, patch_size=64, thumbnail_size=512, read_threads=2)
 
@@ -56,6 +53,10 @@ def slides(tmp_path_factory: pytest.TempPathFactory, cmu: np.ndarray) -> dict[st
     half[:, :550] = cmu[500:1600, 950:1500]
     out["flat"] = write_pyramid_tiff(half, d / "flat.tif", mpp=0.5, levels=2, compression="deflate")
     return out
+
+
+def preprocess_slides(inputs, out, config, **kw) -> pd.DataFrame:
+    return preprocess(inputs, out, config=config, **kw).report
 
 
 def _status(report: pd.DataFrame) -> dict[str, str]:
@@ -149,7 +150,7 @@ def test_bad_slides_are_reported_and_the_batch_goes_on(tmp_path: Path, slides: d
     assert err["trunc"].startswith("SlideReadError")
     assert "trunc.tif" in err["trunc"]
     assert err["white"].startswith("NoTissueError")
-    assert "--preset permissive" in err["white"]
+    assert "--tissue permissive" in err["white"]
     assert err["small"].startswith("SlideTooSmallError")
     assert "smaller than one ROI" in err["small"]
     assert "--mpp" in err["nompp"]
@@ -259,6 +260,32 @@ def test_config_checks(tmp_path: Path, slides: dict[str, Path]) -> None:
     with pytest.raises(MsfmInputError, match="downloads nothing"):
         preprocess_slides([slides["g1"]], tmp_path / "out", PreprocessConfig())
     assert not (tmp_path / "out").exists()
+
+
+def test_settings_from_overrides_and_files(tmp_path: Path, slides: dict[str, Path]) -> None:
+    # Flat overrides build the config; roi_size alone fixes patch_size (84 tokens per ROI).
+    res = preprocess(
+        [slides["g1"]], tmp_path / "a", encoder="tiny", roi_size=512, thumbnail_size=512, progress=False
+    )
+    assert isinstance(res, PreprocessResult)
+    assert res.counts == {"ok": 1, "skipped": 0, "failed": 0}
+    assert res.n_failed == 0
+    assert Path(res) == res.features == tmp_path / "a" / "features"  # path-like: the feature folder
+    cfg = json.loads((tmp_path / "a" / "preprocess_config.json").read_text())["config"]
+    assert (cfg["roi_size"], cfg["patch_size"], cfg["encoder"]) == (512, 64, "tiny")
+    # A YAML file with overrides on top; the result is the same as the object config: every slide is done.
+    f = tmp_path / "prep.yaml"
+    f.write_text("encoder: tiny\nroi_size: 2048\nthumbnail_size: 512\nread_threads: 2\n")
+    again = preprocess([slides["g1"]], tmp_path / "a", config=f, roi_size=512, progress=False)
+    assert again.counts["skipped"] == 1
+    assert preprocess([slides["g1"]], tmp_path / "a", config=CFG, progress=False).counts["skipped"] == 1
+    with pytest.raises(MsfmInputError, match="Did you mean 'min_tissue'"):
+        preprocess([slides["g1"]], tmp_path / "b", config=CFG, min_tisue=0.2)
+    with pytest.raises(MsfmInputError, match="84 tokens"):
+        preprocess([slides["g1"]], tmp_path / "b", config=CFG, roi_size=512, patch_size=32)
+    assert not (tmp_path / "b").exists()
+    saved = res.save(tmp_path / "saved")
+    assert list(pd.read_csv(saved / "report.csv")["status"]) == ["ok"]
 
 
 def test_bench_naive_loop_agrees_with_the_pipeline(tmp_path: Path, slides: dict[str, Path]) -> None:

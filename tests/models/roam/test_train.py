@@ -13,22 +13,19 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+import msfm
 from msfm.errors import MsfmInputError
+from msfm.models.roam.dataset import SlideBagDataset, collate_slides
+from msfm.models.roam.feature_store import FeatureStore
 from msfm.models.roam.features import SlideFeatures, write_slide_features
-from msfm.models.roam.train import (
-    BalancedEpochSampler,
-    RoamTrainConfig,
-    SlideBagDataset,
-    _FoldMonitor,
-    collate_slides,
-    make_splits,
-    read_slide_table,
-    read_splits,
-    roam_objective,
-    sample_weights,
-    train,
-)
+from msfm.models.roam.monitor import FoldMonitor
+from msfm.models.roam.objective import roam_objective
+from msfm.models.roam.sampler import BalancedEpochSampler, sample_weights
+from msfm.models.roam.slide_table import read_slide_table
+from msfm.models.roam.splits import make_splits, read_splits
+from msfm.models.roam.train_config import RoamTrainConfig
 from msfm.runtime.checkpoint import load_checkpoint
+from msfm.runtime.results import TrainResult
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -93,12 +90,56 @@ def cohort(tmp_path_factory) -> tuple[Path, Path]:
     return write_cohort(tmp_path_factory.mktemp("cohort"))
 
 
+def train(table: Path, fd: Path, out: Path, config: RoamTrainConfig, **kw) -> TrainResult:
+    return msfm.roam.train(fd, out, slides=table, config=config, **kw)
+
+
+def oof(run: TrainResult) -> pd.DataFrame:
+    return pd.read_csv(Path(run.run_dir) / "oof_predictions.csv")
+
+
+def held_out(run: TrainResult) -> pd.DataFrame:
+    return pd.read_csv(Path(run.run_dir) / "test_predictions.csv")
+
+
 @pytest.fixture(scope="module")
 def full_run(cohort, tmp_path_factory):
     torch.set_num_threads(1)
     table, fd = cohort
     out = tmp_path_factory.mktemp("runs") / "full"
     return train(table, fd, out, cfg())
+
+
+# --- settings -----------------------------------------------------------------------------------------------
+
+
+def test_settings_come_from_config_file_and_flat_overrides(tmp_path):
+    from msfm.models.roam.checkpoint import save_model
+    from msfm.models.roam.model import Roam
+    from msfm.models.roam.training import training_settings
+    from msfm.registry import preset_config
+
+    f = tmp_path / "train.yaml"
+    f.write_text("task: subtype\nlr: 0.001\nfolds: 3\n")
+    s = training_settings(f, overrides={"lr": 0.01, "devices": "0,1", "label_map": "2=tumour,3=tumour"})
+    assert (s.task, s.lr, s.folds, s.devices) == ("subtype", 0.01, 3, [0, 1])
+    assert s.label_map == {"2": "tumour", "3": "tumour"}
+    s = training_settings(cfg(), overrides={"group_column": "none", "classes": "a,b", "devices": "2"})
+    assert (s.group_column, s.classes, s.devices, s.model) == (None, ["a", "b"], 2, "roam-tiny")
+    assert training_settings({"task": "t", "preset": "roam-fixture"}).model == "roam-fixture"
+    assert training_settings(cfg(), overrides={"preset": "roam-subtyping"}).model == "roam-subtyping"
+    with pytest.raises(MsfmInputError, match="task='subtype'"):
+        training_settings(None, overrides={"lr": 0.1})
+    with pytest.raises(MsfmInputError, match="Did you mean 'lr'"):
+        training_settings(cfg(), overrides={"lrr": 0.1})
+    # checkpoint= is the init checkpoint (one checkpoint directory, or a Loaded of one)
+    save_model(Roam(preset_config("roam-tiny", d_in=D, n_classes=2, **TINY)), tmp_path / "base")
+    s = training_settings(cfg(), checkpoint=tmp_path / "base")
+    assert s.init_from == str(tmp_path / "base")
+    loaded = msfm.roam.load(tmp_path / "base", device="cpu")
+    assert training_settings(cfg(), checkpoint=loaded).init_from == str(tmp_path / "base")
+    with pytest.raises(MsfmInputError, match="one msfm ROAM checkpoint directory"):
+        training_settings(cfg(), checkpoint=tmp_path)
 
 
 # --- table, splits, sampler, dataset ------------------------------------------------------------------------
@@ -216,8 +257,6 @@ def test_sample_weights_and_balanced_epoch_sampler():
 
 def test_roi_dropout_and_collate(cohort):
     table, fd = cohort
-    from msfm.models.roam.predict import FeatureStore
-
     t = read_slide_table(table, "subtype", features_dir=fd)
     store = FeatureStore(t.paths, cache_bytes=10**8)
     big = {sid: store.get(sid).shape[0] for sid in t.slide_ids}
@@ -238,7 +277,6 @@ def test_roi_dropout_and_collate(cohort):
 def test_objective_batch_equals_mean_of_slides(cohort):
     """Padding slides into one batch gives the reference's (sum of per-slide losses) / batch size."""
     from msfm.models.roam.model import Roam
-    from msfm.models.roam.predict import FeatureStore
     from msfm.registry import preset_config
 
     table, fd = cohort
@@ -254,7 +292,7 @@ def test_objective_batch_equals_mean_of_slides(cohort):
 
 def test_fold_monitor_best_and_early_stopping(tmp_path):
     saved, ckpts = [], []
-    mon = _FoldMonitor(
+    mon = FoldMonitor(
         export=lambda m, e, v: saved.append((e, v)),
         ckpt_path=tmp_path / "last.ckpt",
         best_from_epoch=2,
@@ -281,7 +319,7 @@ def test_fold_monitor_best_and_early_stopping(tmp_path):
     assert mon.stopped
     assert len(ckpts) == 7
     state = mon.state_dict()
-    mon2 = _FoldMonitor(
+    mon2 = FoldMonitor(
         export=lambda *a: None,
         ckpt_path=tmp_path / "x",
         best_from_epoch=2,
@@ -303,6 +341,9 @@ def test_fold_monitor_best_and_early_stopping(tmp_path):
 
 @pytest.mark.slow
 def test_two_fold_run_learns_and_writes_everything(full_run, cohort):
+    assert isinstance(full_run, TrainResult)
+    assert full_run.checkpoint == full_run.run_dir  # the run (its fold ensemble) is the checkpoint
+    assert full_run.metrics["classes"] == ["astro", "oligo"]
     run = full_run.run_dir
     for name in (
         "run.json",
@@ -357,7 +398,8 @@ def test_finished_run_is_reused_and_other_config_refused(full_run, cohort):
         table, fd, run, cfg(progress_bar=True, checkpoint_every_n_epochs=1)
     )  # runtime fields may differ
     assert (run / "fold0" / "best" / "model.safetensors").stat().st_mtime_ns == before
-    pd.testing.assert_frame_equal(again.oof, full_run.oof)
+    pd.testing.assert_frame_equal(oof(again), oof(full_run))
+    assert again.metrics == full_run.metrics
     with pytest.raises(MsfmInputError, match=r"different settings: config fields \['lr'\]"):
         train(table, fd, run, cfg(lr=1e-3))
     nonempty = run.parent / "not_a_run"
@@ -387,10 +429,12 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(full_run, cohort, tmp
     assert (out / "fold1" / "checkpoints" / "last.ckpt").is_file()
     resumed = train(table, fd, out, cfg())
     np.testing.assert_allclose(
-        resumed.oof.filter(like="prob_").to_numpy(), full_run.oof.filter(like="prob_").to_numpy(), atol=1e-6
+        oof(resumed).filter(like="prob_").to_numpy(), oof(full_run).filter(like="prob_").to_numpy(), atol=1e-6
     )
     np.testing.assert_allclose(
-        resumed.test.filter(like="prob_").to_numpy(), full_run.test.filter(like="prob_").to_numpy(), atol=1e-6
+        held_out(resumed).filter(like="prob_").to_numpy(),
+        held_out(full_run).filter(like="prob_").to_numpy(),
+        atol=1e-6,
     )
     a = pd.read_csv(full_run.run_dir / "fold1" / "metrics.csv")["val/loss"].dropna().to_numpy()
     b = pd.read_csv(out / "fold1" / "metrics.csv")["val/loss"].dropna().to_numpy()
@@ -406,7 +450,7 @@ def test_class_absent_from_a_fold(tmp_path):
     assert len(folds_without) == 1
     assert folds_without[0]["val"]["auc"]["epend"] is None  # NaN -> null in JSON
     assert any("epend" in n for n in folds_without[0]["val"]["notes"])
-    assert sorted(res.oof.slide_id) == sorted(pd.read_csv(table).slide_id)
+    assert sorted(oof(res).slide_id) == sorted(pd.read_csv(table).slide_id)
     assert all(f["best_epoch"] == 1 for f in m["folds"])  # short run: the last epoch is still a candidate
     assert math.isfinite(m["oof"]["accuracy"])
 
@@ -414,7 +458,7 @@ def test_class_absent_from_a_fold(tmp_path):
 def test_init_from_keeps_shared_weights_and_resizes_heads(cohort, tmp_path):
     from msfm.models.roam.checkpoint import save_model
     from msfm.models.roam.model import Roam
-    from msfm.models.roam.train import _build_model
+    from msfm.models.roam.training import _build_model
     from msfm.registry import preset_config
 
     table, fd = cohort

@@ -3,10 +3,15 @@
 The vocabulary (PCA, meta-cell centroids and profiles, hierarchy) is stored in the same safetensors file as the
 weights, under ``metacells.*``, so a checkpoint can quantise new cells exactly as in training. The window settings
 (side in µm, ordering) and the expression preprocessing travel in ``meta.json``.
+
+:func:`load` reads both kinds of GeST checkpoint: a pretrained model (``train``) and a niche classifier
+(``fit_classifier``, meta family ``gest-niche``). Both come back as :class:`msfm.runtime.loaded.Loaded` with the
+meta-cell vocabulary in ``vocab``; :func:`window_settings` gives the window settings the model was trained with.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,48 +22,79 @@ from pydantic import ValidationError
 
 from msfm.errors import CheckpointError
 from msfm.models.gest.config import GestConfig
-from msfm.models.gest.model import Gest
+from msfm.models.gest.model import Gest, GestNicheClassifier
 from msfm.runtime.checkpoint import load_checkpoint, save_checkpoint
 from msfm.runtime.devices import resolve_device
+from msfm.runtime.loaded import Loaded
 from msfm.tokenizers.spatial import MetaCellVocab
 
-__all__ = ["FAMILY", "VOCAB_PREFIX", "LoadedGest", "checkpoint_state", "load_model", "save_model"]
+__all__ = [
+    "FAMILY",
+    "NICHE_FAMILY",
+    "VOCAB_PREFIX",
+    "CheckpointLike",
+    "WindowSettings",
+    "checkpoint_state",
+    "generative_model",
+    "is_classifier",
+    "load",
+    "save_model",
+    "window_settings",
+]
 
 FAMILY = "gest"
+NICHE_FAMILY = "gest-niche"
 VOCAB_PREFIX = "metacells."
 
+#: What every GeST verb accepts as ``checkpoint``: a checkpoint directory, a ``TrainResult`` or a ``Loaded``.
+CheckpointLike = str | os.PathLike[str] | Loaded
 
-@dataclass
-class LoadedGest:
-    """A GeST model ready for inference.
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """The window settings a GeST checkpoint was trained with (``meta["extra"]["window"]``).
 
     Attributes:
-        model: the network (eval mode, on ``device``).
-        vocab: its meta-cell vocabulary.
-        window: window settings used in training (``side_um``, ``order``, ``jitter_um``, ``max_cells``).
-        preprocessing: expression preprocessing record.
-        meta: the whole ``meta.json``.
-        path: checkpoint directory (None when built in memory).
-        device: where the model lives.
+        side_um: window side in µm.
+        max_cells: most cells per training window.
+        order: serialisation order.
+        jitter_um: corner-sweep jitter (None: 5 % of the side).
+        niche_side_um: niche window side of a niche classifier (None for a pretrained model).
+        niche_max_cells: cells per niche sequence of a niche classifier (None for a pretrained model).
     """
 
-    model: Gest
-    vocab: MetaCellVocab
-    window: dict[str, Any]
-    preprocessing: dict[str, Any]
-    meta: dict[str, Any]
-    path: Path | None
-    device: torch.device
+    side_um: float = 600.0
+    max_cells: int = 1024
+    order: str = "corner_sweep"
+    jitter_um: float | None = None
+    niche_side_um: float | None = None
+    niche_max_cells: int | None = None
 
-    @property
-    def side_um(self) -> float:
-        """Window side in µm."""
-        return float(self.window.get("side_um", 600.0))
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as stored in ``meta.json``."""
+        out: dict[str, Any] = {
+            "side_um": self.side_um,
+            "max_cells": self.max_cells,
+            "order": self.order,
+            "jitter_um": self.jitter_um,
+        }
+        if self.niche_side_um is not None:
+            out["niche_side_um"] = self.niche_side_um
+        if self.niche_max_cells is not None:
+            out["niche_max_cells"] = self.niche_max_cells
+        return out
 
 
-def checkpoint_state(model: Gest, vocab: MetaCellVocab) -> dict[str, torch.Tensor]:
+def window_settings(loaded: Loaded) -> WindowSettings:
+    """Window settings of a loaded GeST checkpoint (defaults for fields an older checkpoint lacks)."""
+    raw = dict(loaded.extra.get("window") or {})
+    known = {k: raw[k] for k in WindowSettings.__dataclass_fields__ if raw.get(k) is not None}
+    return WindowSettings(**known)
+
+
+def checkpoint_state(model: Gest | GestNicheClassifier, vocab: MetaCellVocab) -> dict[str, torch.Tensor]:
     """Weights plus vocabulary tensors, as stored in ``model.safetensors``."""
-    state = {k: v for k, v in model.state_dict().items()}
+    state = dict(model.state_dict().items())
     state.update({VOCAB_PREFIX + k: v for k, v in vocab.to_tensors().items()})
     return state
 
@@ -68,7 +104,7 @@ def save_model(
     model: Gest,
     vocab: MetaCellVocab,
     *,
-    window: Mapping[str, Any],
+    window: Mapping[str, Any] | WindowSettings,
     preprocessing: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -85,6 +121,7 @@ def save_model(
     Returns:
         The checkpoint directory.
     """
+    win = window.as_dict() if isinstance(window, WindowSettings) else dict(window)
     return save_checkpoint(
         path,
         family=FAMILY,
@@ -93,22 +130,60 @@ def save_model(
         gene_panel=vocab.genes,
         gene_panel_name="gest",
         preprocessing=dict(preprocessing or {}),
-        extra_meta={"window": dict(window), "vocab": vocab.meta_dict(), **dict(extra or {})},
+        extra_meta={"window": win, "vocab": vocab.meta_dict(), **dict(extra or {})},
     )
 
 
-def load_model(path: str | Path | LoadedGest, *, device: str | torch.device = "auto") -> LoadedGest:
-    """Load an msfm GeST checkpoint directory (or pass a loaded one through, moved to ``device``).
+def is_classifier(loaded: Loaded) -> bool:
+    """True when ``loaded`` is a niche classifier (``fit_classifier``), not a pretrained generative model."""
+    return isinstance(loaded.model, GestNicheClassifier)
+
+
+def generative_model(loaded: Loaded, verb: str) -> Gest:
+    """The pretrained GeST network of ``loaded``.
+
+    Raises:
+        CheckpointError: ``loaded`` is a niche classifier.
+    """
+    if is_classifier(loaded):
+        msg = (
+            f"{loaded.path or 'this checkpoint'} is a GeST niche classifier (msfm.gest.fit_classifier); "
+            f"msfm.gest.{verb} needs a pretrained GeST checkpoint (msfm.gest.train, RUN/model)."
+        )
+        raise CheckpointError(msg)
+    return loaded.model
+
+
+def load(checkpoint: CheckpointLike, *, device: str | torch.device = "auto") -> Loaded:
+    """Load a GeST checkpoint directory (a pretrained model or a niche classifier).
+
+    Args:
+        checkpoint: the checkpoint directory (``RUN/model``), a ``TrainResult``, or a ``Loaded`` (passed through,
+            moved to ``device``).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Returns:
+        ``Loaded(family="gest", model, config=GestConfig, meta, path, device, vocab=MetaCellVocab)``; the model is
+        a :class:`~msfm.models.gest.model.Gest` or, for a niche classifier, a
+        :class:`~msfm.models.gest.model.GestNicheClassifier` (classes in ``loaded.extra["classes"]``).
 
     Raises:
         CheckpointError: not a GeST checkpoint, or weights/vocabulary that do not match the config.
     """
     dev = resolve_device(device)
-    if isinstance(path, LoadedGest):
-        path.model.to(dev)
-        path.device = dev
-        return path
-    ckpt = load_checkpoint(path, family=FAMILY, map_location="cpu")
+    if isinstance(checkpoint, Loaded):
+        if checkpoint.family != FAMILY:
+            msg = f"Expected a GeST model; got a loaded {checkpoint.family!r} model. Load a GeST checkpoint."
+            raise CheckpointError(msg)
+        return checkpoint.to(dev)
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if ckpt.family not in (FAMILY, NICHE_FAMILY):
+        msg = (
+            f"Checkpoint {path} is a {ckpt.family!r} checkpoint, but a GeST checkpoint was requested. "
+            f"Use msfm.{ckpt.family} to load it, or pass a GeST checkpoint (msfm.gest.train writes RUN/model)."
+        )
+        raise CheckpointError(msg)
     try:
         config = GestConfig(**ckpt.config)
     except ValidationError as err:
@@ -123,7 +198,14 @@ def load_model(path: str | Path | LoadedGest, *, device: str | torch.device = "a
         msg = f"{path} has no meta-cell vocabulary (no '{VOCAB_PREFIX}*' tensors); it cannot tokenise cells."
         raise CheckpointError(msg)
     vocab = MetaCellVocab.from_tensors(vocab_state, extra["vocab"])
-    model = Gest(config)
+    model: Gest | GestNicheClassifier
+    if ckpt.family == NICHE_FAMILY:
+        if not extra.get("classes"):
+            msg = f"{path} lacks the class list of a GeST niche classifier (meta.json extra.classes)."
+            raise CheckpointError(msg)
+        model = GestNicheClassifier(Gest(config), len(extra["classes"]))
+    else:
+        model = Gest(config)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
@@ -136,12 +218,6 @@ def load_model(path: str | Path | LoadedGest, *, device: str | torch.device = "a
         )
         raise CheckpointError(msg)
     model.eval().to(dev)
-    return LoadedGest(
-        model=model,
-        vocab=vocab,
-        window=dict(extra.get("window", {})),
-        preprocessing=dict(ckpt.meta.get("preprocessing") or {}),
-        meta=ckpt.meta,
-        path=Path(path),
-        device=dev,
+    return Loaded(
+        family=FAMILY, model=model, config=config, meta=ckpt.meta, path=path, device=dev, vocab=vocab
     )

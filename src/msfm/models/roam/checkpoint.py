@@ -1,4 +1,8 @@
-"""Save and load ROAM models as msfm checkpoint directories (safetensors + config + meta)."""
+"""ROAM models as msfm checkpoint directories (safetensors + config + meta), and :func:`convert` of the release.
+
+``msfm.roam.load`` (see :mod:`msfm.models.roam.ensemble`) is the public loader; :func:`read_model` here reads one
+checkpoint directory into a :class:`Roam` and its ``meta.json``.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ from typing import Any
 from msfm.errors import CheckpointError
 from msfm.models.roam.config import RoamConfig
 from msfm.models.roam.model import Roam
+from msfm.runtime.atomic import check_output_free
 from msfm.runtime.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["FAMILY", "convert_official", "load_model", "save_model"]
+__all__ = ["FAMILY", "convert", "read_model", "save_model"]
 
 FAMILY = "roam"
 
@@ -46,8 +51,8 @@ def save_model(
     )
 
 
-def load_model(path: str | Path, *, map_location: str = "cpu") -> tuple[Roam, dict[str, Any]]:
-    """Load an msfm ROAM checkpoint directory.
+def read_model(path: str | Path, *, map_location: str = "cpu") -> tuple[Roam, dict[str, Any]]:
+    """Read one msfm ROAM checkpoint directory (``msfm.roam.load`` is the public loader).
 
     Returns:
         ``(model in eval mode, meta)``; ``meta["extra"]`` holds what :func:`save_model` was given.
@@ -70,31 +75,43 @@ def load_model(path: str | Path, *, map_location: str = "cpu") -> tuple[Roam, di
     return model.eval(), dict(ckpt.meta)
 
 
-def convert_official(
+def convert(
     official: str | Path,
     out: str | Path,
     *,
-    class_names: list[str] | tuple[str, ...] | None = None,
+    class_names: list[str] | tuple[str, ...] | str | None = None,
     task: str | None = None,
     encoder: str = "resnet50_trunc",
     fold: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Convert a released ``ROAM_split{k}.pth`` into an msfm checkpoint directory.
+
+    Five converted folds form an ensemble: ``msfm.roam.load([fold0, ..., fold4])``, or pass the list wherever a
+    checkpoint is expected.
 
     Args:
         official: The released state dict file (read with ``weights_only=True``).
         out: Checkpoint directory to write.
-        class_names: Class names in logit order (the release's subtyping model: astrocytoma,
-            oligodendroglioma, ependymoma).
+        class_names: Class names in logit order, a list or comma-separated (the release's subtyping model:
+            astrocytoma, oligodendroglioma, ependymoma).
         task: Task name stored with the weights.
         encoder: Patch encoder the features must come from (the released models: ``resnet50_trunc``, 1024-d).
         fold: Cross-validation fold the file belongs to (provenance only).
+        overwrite: Replace an existing ``out``.
 
     Returns:
         The checkpoint directory.
+
+    Raises:
+        MsfmInputError: ``out`` exists and ``overwrite`` is False.
+        CheckpointError: The file is missing, unreadable or not a released multi-scale ROAM state dict.
     """
     from msfm.models.roam.official import load_official_checkpoint
 
+    check_output_free(out, overwrite=overwrite)
+    if isinstance(class_names, str):
+        class_names = [c.strip() for c in class_names.split(",") if c.strip()]
     overrides: dict[str, Any] = {}
     if class_names is not None:
         overrides["class_names"] = tuple(class_names)

@@ -1,6 +1,6 @@
-"""Write slide attention heatmaps, ROI galleries and ROI-level maps for slides (files in, files out).
+"""``msfm.roam.heatmap``: slide attention heatmaps, ROI galleries and ROI-level maps (feature files in, files out).
 
-For each slide, :func:`write_heatmaps` writes ``OUT/<slide>/`` (atomically, one folder per slide)::
+For each slide, :func:`heatmap` writes ``OUT/<slide>/`` (atomically, one folder per slide)::
 
     heatmap.png            attention over the slide thumbnail (jet, alpha 0.4, blurred; CLAM/ROAM style)
     gallery.png            the top-k and bottom-k ROIs of the class shown, with their scores
@@ -11,32 +11,65 @@ For each slide, :func:`write_heatmaps` writes ``OUT/<slide>/`` (atomically, one 
 
 A training run directory (``RUN/fold*/best``) is averaged like the release: raw attention scores are averaged over
 the folds before the softmax over ROIs, and the class shown is the ensemble prediction unless ``class_name`` is
-given. ``msfm roam heatmap`` is the command-line front end.
+given. ``msfm roam heatmap`` is the command-line front end; the building blocks (``slide_attention_scores``,
+``slide_heatmap``, ``top_roi_gallery``, ``roi_attention_maps``, ``roi_heatmap``) live in :mod:`.interpret`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
 
 from msfm.data.slide_ids import check_slide_ids
-from msfm.data.slides import SLIDE_EXTENSIONS
+from msfm.data.slides import SLIDE_EXTENSIONS, open_slide
 from msfm.errors import MsfmInputError
+from msfm.models.roam.ensemble import ensemble_for
+from msfm.models.roam.feature_store import FeatureStore, list_feature_slides, resolve_feature_files
+from msfm.models.roam.interpret import (
+    METHODS,
+    roi_attention_maps,
+    roi_heatmap,
+    roi_image,
+    slide_attention_scores,
+    slide_heatmap,
+    top_roi_gallery,
+)
+from msfm.pl.slides import roi_maps_figure
+from msfm.runtime.atomic import atomic_dir, atomic_write_json, atomic_write_text, check_output_free
+from msfm.runtime.devices import resolve_device
+from msfm.runtime.results import Result
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_heatmaps"]
+__all__ = ["HeatmapResult", "heatmap"]
 
 _SLIDE_SUFFIXES = set(SLIDE_EXTENSIONS)
 
 
-def _split_slides(slides: list[str] | None) -> list[str]:
+@dataclass(frozen=True)
+class HeatmapResult(Result):
+    """What :func:`heatmap` returns.
+
+    Attributes:
+        table: One row per slide: ``slide_id``, ``class_shown``, ``predicted_class``, ``out`` (its folder).
+        out: The output folder.
+    """
+
+    table: pd.DataFrame
+    out: Path
+
+
+def _split_slides(slides: str | list[str] | None) -> list[str]:
     out: list[str] = []
-    for item in slides or []:
+    for item in [slides] if isinstance(slides, str | os.PathLike) else slides or []:
+        item = os.fspath(item)
         out.extend(s.strip() for s in item.split(",") if s.strip())
     return out
 
@@ -81,8 +114,6 @@ def _find_slide_image(
 
 
 def _scores_csv(coords: np.ndarray, scores: np.ndarray, percentiles: np.ndarray) -> str:
-    import pandas as pd
-
     order = np.argsort(-scores, kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(1, len(order) + 1)
@@ -99,12 +130,12 @@ def _scores_csv(coords: np.ndarray, scores: np.ndarray, percentiles: np.ndarray)
     return df.to_csv(index=False, float_format="%.8g")
 
 
-def write_heatmaps(
-    checkpoint: str | os.PathLike[str],
-    features: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+def heatmap(
+    data: str | os.PathLike[str],
+    checkpoint: Any,
     *,
-    slides: list[str] | None = None,
+    out: str | os.PathLike[str],
+    slides: str | list[str] | None = None,
     class_name: str | None = None,
     top_k: int = 10,
     bottom_k: int = 5,
@@ -117,14 +148,15 @@ def write_heatmaps(
     alpha: float = 0.4,
     blur: bool = True,
     roi_px: int = 512,
-    device: str = "cpu",
+    device: str | torch.device = "auto",
     overwrite: bool = False,
-) -> list[dict[str, Any]]:
+) -> HeatmapResult:
     """Attention heatmaps of slides: slide overlay, ROI gallery and ROI-level maps.
 
     Args:
-        checkpoint: ROAM checkpoint directory, training run (``fold*/best``) or list-like of checkpoints.
-        features: Feature folder of :func:`msfm.models.roam.preprocess.preprocess_slides`.
+        data: Feature folder (``msfm roam preprocess`` output, or its ``features/`` folder).
+        checkpoint: A run directory or ``TrainResult`` (its folds are averaged), a checkpoint directory, a list of
+            them, or a ``Loaded`` (see :func:`msfm.roam.load`).
         out: Output folder (one sub-folder per slide).
         slides: Slide ids, or slide files (their stem is the id and the file is drawn); comma-separated entries
             are split. Default: every feature file.
@@ -140,37 +172,18 @@ def write_heatmaps(
         alpha: Opacity of the heatmap colours.
         blur: Smooth the slide heatmap.
         roi_px: Pixels per side of the ROI images in the gallery and ROI maps.
-        device: ``cpu`` | ``cuda`` | ``cuda:N`` | ``auto``.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``.
         overwrite: Replace existing slide output folders (otherwise they are refused before any model loads).
 
     Returns:
-        One record per slide: ``slide_id``, ``class_shown``, ``predicted_class``, ``out``.
+        The result: ``table`` with one row per slide (``slide_id``, ``class_shown``, ``predicted_class``,
+        ``out``) and ``out``.
 
     Raises:
         MsfmInputError: Bad options, missing feature files or slide images, existing outputs.
     """
-    import torch
-
-    out, features = Path(out), Path(features)
+    out, features = Path(out), Path(data)
     slide_dir = Path(slide_dir) if slide_dir is not None else None
-
-    from msfm.models.roam.interpret import (
-        METHODS,
-        roi_attention_maps,
-        roi_heatmap,
-        roi_image,
-        slide_attention_scores,
-        slide_heatmap,
-        top_roi_gallery,
-    )
-    from msfm.models.roam.predict import (
-        FeatureStore,
-        list_feature_slides,
-        load_ensemble,
-        resolve_feature_files,
-    )
-    from msfm.pl.slides import roi_maps_figure
-    from msfm.runtime.atomic import atomic_dir, atomic_write_json, atomic_write_text, check_output_free
 
     if method not in METHODS:
         msg = f"--method {method!r} is not supported; use one of {', '.join(METHODS)}."
@@ -214,14 +227,7 @@ def write_heatmaps(
     for sid in ids:
         check_output_free(out / sid, overwrite=overwrite)
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        msg = f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto."
-        raise MsfmInputError(msg) from err
-    ens = load_ensemble(checkpoint, device=dev)
+    ens = ensemble_for(checkpoint, device=resolve_device(device))
     names = list(ens.class_names)
     chosen: int | None = None
     if class_name is not None:
@@ -254,8 +260,6 @@ def write_heatmaps(
         predicted = names[att.predicted_index]
         colour = att.percentiles if colour_by == "percentile" else att.scores
         vmin, vmax = (0.0, 100.0) if colour_by == "percentile" else (None, None)
-        from msfm.data.slides import open_slide
-
         with atomic_dir(out / sid) as tmp, open_slide(image_path) as slide:
             slide_heatmap(
                 slide,
@@ -285,7 +289,7 @@ def write_heatmaps(
             top = np.argsort(-att.scores, kind="stable")[: min(roi_maps, len(coords))]
             if len(top):
                 (tmp / "roi_maps").mkdir()
-            weights = ens.models[0].config.scale_weights
+            weights = ens.config.scale_weights
             for i in top:
                 per_model = [
                     roi_attention_maps(
@@ -328,4 +332,5 @@ def write_heatmaps(
         done.append({"slide_id": sid, "class_shown": shown, "predicted_class": predicted, "out": out / sid})
         logger.info("%s: %s (predicted %s) -> %s", sid, shown, predicted, out / sid)
     logger.info("wrote heatmaps of %d slides to %s", len(ids), out)
-    return done
+    columns = ["slide_id", "class_shown", "predicted_class", "out"]
+    return HeatmapResult(pd.DataFrame(done, columns=columns), out)

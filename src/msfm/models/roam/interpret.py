@@ -355,7 +355,7 @@ def slide_attention_scores(
     (mean of the models' softmax probabilities).
 
     Args:
-        models: One model or the fold models (same config).
+        models: One model, the fold models (same config) or a ``RoamEnsemble``.
         slide_features: A :class:`~msfm.models.roam.features.SlideFeatures` or its features array/tensor.
         class_index: Class to show (index or class name); None = the ensemble prediction.
         reduce: How the raw scores are combined over models.
@@ -366,7 +366,8 @@ def slide_attention_scores(
     Shape:
         slide features ``[K, 84, d_in]``; see :class:`SlideAttention` for the outputs.
     """
-    ms = [models] if isinstance(models, Roam) else list(models)
+    # One model, a list of fold models, or a RoamEnsemble (its ``models``).
+    ms = [models] if isinstance(models, Roam) else list(getattr(models, "models", models))
     if not ms:
         msg = "slide_attention_scores needs at least one model."
         raise MsfmInputError(msg)

@@ -12,7 +12,7 @@ Data flow for one slide with ``K`` ROIs, each ``84`` patch features (20x 8x8, 10
                   -> gated attention (one branch per class), softmax over ROIs               [C, K]
                   -> per-class pooled embedding [C, dim] -> per-class LayerNorm+Linear(dim, 1) -> logits [C]
 
-Saving and loading: :mod:`msfm.models.roam.checkpoint` (``save_model``, ``load_model``).
+Saving and loading: :mod:`msfm.models.roam.checkpoint` (``save_model``, ``read_model``) and ``msfm.roam.load``.
 """
 
 from __future__ import annotations

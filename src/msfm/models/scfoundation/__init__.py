@@ -4,37 +4,68 @@ Hao et al., "Large-scale foundation model on single-cell transcriptomics", Natur
 Gong et al., "xTrimoGene", NeurIPS 2023. Architecture and checkpoint layout follow the official
 repository (biomap-research/scFoundation, commit d09626a), re-implemented from its description.
 
-Public API (AnnData in, AnnData out)::
+Public API (``data`` is an AnnData or a path; ``checkpoint`` a directory, a ``TrainResult`` or a ``Loaded``)::
 
-    convert(official_ckpt, out_dir, variant="cell")
-    embed(adata, checkpoint)                 # obsm["X_scfoundation"]
-    enhance(adata, checkpoint)               # layers["scfoundation_enhanced"]
-    gene_embeddings(adata, checkpoint, genes=[...], out="genes.h5")
-    pretrain(paths, out_dir, PretrainRunConfig(...))
-    fit_classifier(adata, checkpoint, labels_key=..., out=...)
-    predict_cell_types(adata, classifier_dir)
+    convert(official, out, variant="cell")           # official models.ckpt -> msfm checkpoint directory
+    load(checkpoint)                                 # -> msfm.runtime.Loaded (vocab = the gene panel)
+    embed(data, checkpoint)                          # obsm["X_scfoundation"]
+    enhance(data, checkpoint)                        # layers["scfoundation_enhanced"]
+    embed_genes(data, checkpoint, genes=[...])       # -> GeneEmbeddings
+    train(data, out, config=..., **overrides)        # pretraining -> TrainResult
+    fit_classifier(data, checkpoint, labels_key=..., out=...)   # -> TrainResult
+    predict(data, classifier)                        # obs["scfoundation_<labels_key>"], obsm["scfoundation_probs"]
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from msfm._lazy import lazy_exports
+from msfm.runtime.deprecation import moved_names, warn_deprecated
 
 _API = {
-    "convert": "msfm.models.scfoundation.api",
-    "embed": "msfm.models.scfoundation.api",
-    "embed_file": "msfm.models.scfoundation.api",
-    "embed_distributed": "msfm.models.scfoundation.api",
-    "enhance": "msfm.models.scfoundation.api",
-    "gene_embeddings": "msfm.models.scfoundation.api",
-    "load_model": "msfm.models.scfoundation.inference",
-    "pretrain": "msfm.models.scfoundation.train",
-    "PretrainRunConfig": "msfm.models.scfoundation.train",
-    "fit_classifier": "msfm.models.scfoundation.train",
-    "predict_cell_types": "msfm.models.scfoundation.train",
+    "load": "msfm.models.scfoundation.loading",
+    "convert": "msfm.models.scfoundation.conversion",
+    "train": "msfm.models.scfoundation.pretraining",
+    "embed": "msfm.models.scfoundation.embedding",
+    "enhance": "msfm.models.scfoundation.enhancement",
+    "embed_genes": "msfm.models.scfoundation.gene_context",
+    "fit_classifier": "msfm.models.scfoundation.annotation",
+    "predict": "msfm.models.scfoundation.annotation",
+    "Loaded": "msfm.runtime.loaded",
+    "GeneEmbeddings": "msfm.models.scfoundation.gene_context",
+    "ScFoundationTrainConfig": "msfm.models.scfoundation.pretraining",
     "ScFoundation": "msfm.models.scfoundation.model",
     "ScFoundationConfig": "msfm.models.scfoundation.config",
+    "tokenizer_for": "msfm.models.scfoundation.loading",
+}
+
+# Old names, one release: functions warn when called (wrappers translate the old call), the rest on access.
+_WRAPPED = (
+    "pretrain",
+    "embed_file",
+    "embed_distributed",
+    "gene_embeddings",
+    "predict_cell_types",
+    "load_model",
+)
+_MOVED = {"LoadedModel": "msfm.runtime.loaded:Loaded"}
+_RENAMED_CLASSES = {
+    "PretrainRunConfig": "msfm.scfoundation.ScFoundationTrainConfig (or train(config=..., **overrides))"
 }
 
 __all__ = sorted(_API)
 
-__getattr__, __dir__ = lazy_exports("msfm.models.scfoundation", _API, globals())
+_lazy_getattr, __dir__ = lazy_exports("msfm.models.scfoundation", _API, globals())
+_moved_getattr = moved_names("msfm.scfoundation", _MOVED)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return _moved_getattr(name)
+    if name in _WRAPPED or name in _RENAMED_CLASSES:
+        if name in _RENAMED_CLASSES:
+            warn_deprecated(f"msfm.scfoundation.{name}", _RENAMED_CLASSES[name])
+        return getattr(importlib.import_module("msfm.models.scfoundation._deprecated"), name)
+    return _lazy_getattr(name)

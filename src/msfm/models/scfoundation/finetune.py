@@ -27,12 +27,14 @@ from torch import Tensor, nn
 
 from msfm.engine.objective import LossOutput
 from msfm.errors import MsfmInputError
+from msfm.models.scfoundation.config import ScFoundationConfig
 from msfm.models.scfoundation.model import ScFoundation
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CellClassifierConfig",
+    "ClassifierCheckpointConfig",
     "ClassifierOutput",
     "ScFoundationCellClassifier",
     "classification_loss",
@@ -112,6 +114,26 @@ class CellClassifierConfig(BaseModel):
             )
             raise ValueError(msg)
         return self
+
+
+class ClassifierCheckpointConfig(BaseModel):
+    """``config.json`` of a classifier checkpoint (``fit_classifier``): the backbone, the head and the labels.
+
+    Attributes:
+        backbone: the encoder-decoder's config.
+        classifier: the head and freezing settings.
+        classes: class names, in logit order.
+        target_depth: the target depth the classifier was trained with (prediction uses the same).
+        labels_key: the ``obs`` column it learned; ``predict`` writes ``obs["<key_added>_<labels_key>"]``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: ScFoundationConfig
+    classifier: CellClassifierConfig
+    classes: tuple[str, ...] = Field(..., min_length=2)
+    target_depth: str = "t4"
+    labels_key: str = "cell_type"
 
 
 @dataclass(frozen=True)

@@ -12,57 +12,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from msfm.data import CellSource, GeneMapping, GenePanel
+from msfm.data import CellSource, GeneMapping
 from msfm.data.samplers import length_buckets
-from msfm.models.scfoundation.config import ScFoundationConfig
 from msfm.models.scfoundation.model import ScFoundation
-from msfm.runtime.checkpoint import load_checkpoint
-from msfm.runtime.devices import autocast_context, resolve_device
+from msfm.runtime.devices import Precision, autocast_context
 from msfm.tokenizers.gene_panel import ScFoundationTokenizer, TargetDepth
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["32", "bf16", "16"]
-
-
-@dataclass
-class LoadedModel:
-    """A checkpoint made ready for inference: model on its device, config, gene panel, metadata."""
-
-    model: ScFoundation
-    config: ScFoundationConfig
-    panel: GenePanel
-    meta: dict
-    path: Path
-    device: torch.device
-
-
-def load_model(checkpoint: str | Path | LoadedModel, *, device: str = "auto") -> LoadedModel:
-    """Load an msfm scFoundation checkpoint directory (made by ``convert`` or ``pretrain``)."""
-    if isinstance(checkpoint, LoadedModel):
-        return checkpoint
-    ckpt = load_checkpoint(checkpoint, family="scfoundation")
-    config = ScFoundationConfig(**ckpt.config)
-    model = ScFoundation(config)
-    model.load_state_dict(ckpt.state_dict, strict=True)
-    dev = resolve_device(device)
-    model.to(dev).eval()
-    panel = (
-        GenePanel.from_symbols(
-            ckpt.gene_panel, name=ckpt.meta.get("gene_panel", {}).get("name", "checkpoint")
-        )
-        if ckpt.gene_panel
-        else GenePanel.scfoundation()
-    )
-    return LoadedModel(
-        model=model, config=config, panel=panel, meta=ckpt.meta, path=Path(ckpt.path), device=dev
-    )
+__all__ = ["Batch", "Precision", "encode_batch", "iter_batches"]
 
 
 @dataclass

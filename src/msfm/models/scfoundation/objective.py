@@ -54,6 +54,7 @@ __all__ = [
     "LossOutput",
     "MaskResult",
     "MaskingConfig",
+    "ObjectiveConfig",
     "PretrainCollator",
     "PretrainConfig",
     "build_optimizer",
@@ -176,11 +177,11 @@ class MaskingConfig(BaseModel):
     )
 
 
-class PretrainConfig(BaseModel):
-    """Everything the pretraining procedure needs beyond the model config.
+class ObjectiveConfig(BaseModel):
+    """How a pretraining batch is made: downsampling, masking and normalisation (no optimiser settings).
 
-    The optimiser fields are defaults for the engine; :func:`build_optimizer` turns them into an AdamW
-    optimiser with a warm-up schedule.
+    This is the ``objective`` section of :class:`msfm.models.scfoundation.pretraining.ScFoundationTrainConfig`;
+    the optimiser and trainer have their own sections there, so a flat ``lr=`` names one field only.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -195,6 +196,15 @@ class PretrainConfig(BaseModel):
         ge=1,
         description="(ours) pad the encoder length to a multiple (e.g. 16 for tensor cores, as GEARS did).",
     )
+
+
+class PretrainConfig(ObjectiveConfig):
+    """The reference pretraining recipe: :class:`ObjectiveConfig` plus the upstream optimiser settings.
+
+    :func:`build_optimizer` turns the optimiser fields into an AdamW optimiser with a warm-up schedule;
+    :meth:`optim_kwargs` gives them under the engine's names.
+    """
+
     lr: float = Field(1e-4, gt=0.0, description="[code] AdamW learning rate (= max_lr).")
     weight_decay: float = Field(0.0, ge=0.0, description="[code] no weight decay.")
     betas: tuple[float, float] = Field(
@@ -466,7 +476,7 @@ def sample_mask(counts: sp.csr_matrix, config: MaskingConfig, rng: np.random.Gen
 
 def make_pretrain_batch(
     counts: Any,
-    config: PretrainConfig,
+    config: ObjectiveConfig,
     rng: np.random.Generator,
     *,
     num_genes: int = NUM_GENES,
@@ -582,9 +592,9 @@ class PretrainCollator:
     """
 
     def __init__(
-        self, config: PretrainConfig | None = None, *, num_genes: int = NUM_GENES, seed: int = 0
+        self, config: ObjectiveConfig | None = None, *, num_genes: int = NUM_GENES, seed: int = 0
     ) -> None:
-        self.config = config if config is not None else PretrainConfig()
+        self.config = config if config is not None else ObjectiveConfig()
         self.num_genes = num_genes
         self.seed = seed
         self._rng = np.random.default_rng([seed, 0])

@@ -4,42 +4,71 @@ Bian, Chen, Dong et al., "scMulan: a multitask generative pre-trained language m
 analysis", RECOMB 2024 (bioRxiv 10.1101/2024.01.25.577152). Architecture, vocabulary and checkpoint layout
 follow the official release (SuperBianC/scMulan, commit d64da5e), re-implemented from its description.
 
-Public API (AnnData in, AnnData out)::
+Public API (``import msfm``, then ``msfm.scmulan.<verb>``)::
 
-    convert(official_ckpt, out_dir)
-    annotate(adata, checkpoint)              # obs["scmulan_cell_type"], obsm["X_scmulan"]
-    predict_organ(adata, checkpoint)         # obs["scmulan_organ"], obs["scmulan_region"]
-    generate(checkpoint, prompts)            # AnnData of generated cells
-    perturb(checkpoint, prompt, genes, ...)  # in-silico perturbation with centroid-shift scores
-    train(adata, out_dir, ScMulanTrainConfig(...))
+    convert(official, out)                        # official ckpt_scMulan.pt -> msfm checkpoint directory
+    load(checkpoint)                              # Loaded (vocab = the CellSentenceVocab)
+    predict(adata, checkpoint)                    # obs scmulan_cell_type(_fine), scmulan_confidence; obsm X_scmulan
+    predict(adata, checkpoint, target="organ")    # obs scmulan_organ, scmulan_region, scmulan_organ_confidence
+    embed(adata, checkpoint)                      # obsm X_scmulan
+    smooth_labels(adata)                          # kNN vote on the predicted labels
+    generate(prompts, checkpoint)                 # AnnData of generated cells
+    perturb(prompt, checkpoint, genes=[...])      # ScMulanPerturbation(cells, scores)
+    perturb_screen(prompt, checkpoint)            # ScMulanScreen(scores): genes ranked by their effect
+    next_state(adata, checkpoint)                 # AnnData: each cell's next state (next_state-trained models)
+    train(adata, out, checkpoint=None, **settings)  # TrainResult
+
+Decoding options (``greedy``, ``temperature``, ``top_k``, ``end_weight``, ``max_new_tokens``, ``repeat_mask``,
+``constrained``, ``seed``) are declared once, in :class:`DecodeOptions`; reading options once, in
+:class:`msfm.data.CellReadOptions`. Both are keyword arguments of the verbs.
 """
 
 from __future__ import annotations
 
 from msfm._lazy import lazy_exports
+from msfm.runtime.deprecation import moved_names
 
 _API = {
+    # verbs
+    "load": "msfm.models.scmulan.loading",
+    "convert": "msfm.models.scmulan.conversion",
+    "train": "msfm.models.scmulan.training",
+    "predict": "msfm.models.scmulan.annotation",
+    "embed": "msfm.models.scmulan.annotation",
+    "generate": "msfm.models.scmulan.generation",
+    "perturb": "msfm.models.scmulan.perturbation",
+    "perturb_screen": "msfm.models.scmulan.perturbation",
+    "next_state": "msfm.models.scmulan.transition",
+    "smooth_labels": "msfm.models.scmulan.smoothing",
+    # types and helpers
+    "Loaded": "msfm.runtime.loaded",
+    "tokenizer_for": "msfm.models.scmulan.loading",
+    "DecodeOptions": "msfm.models.scmulan.decoding",
+    "ScMulanPerturbation": "msfm.models.scmulan.perturbation",
+    "ScMulanScreen": "msfm.models.scmulan.perturbation",
+    "ScMulanTrainConfig": "msfm.models.scmulan.train_config",
+    "ScMulanLossConfig": "msfm.models.scmulan.objective",
     "ScMulan": "msfm.models.scmulan.model",
     "ScMulanConfig": "msfm.models.scmulan.config",
     "load_official_checkpoint": "msfm.models.scmulan.official",
     "generate_tokens": "msfm.models.scmulan.decoding",
-    "DecodeOptions": "msfm.models.scmulan.decoding",
-    "convert": "msfm.models.scmulan.api",
-    "annotate": "msfm.models.scmulan.api",
-    "embed": "msfm.models.scmulan.api",
-    "predict_organ": "msfm.models.scmulan.api",
-    "smooth_labels": "msfm.models.scmulan.api",
-    "generate": "msfm.models.scmulan.api",
-    "perturb": "msfm.models.scmulan.api",
-    "perturb_screen": "msfm.models.scmulan.api",
-    "next_state": "msfm.models.scmulan.api",
-    "LoadedScMulan": "msfm.models.scmulan.inference",
-    "load_model": "msfm.models.scmulan.inference",
-    "train": "msfm.models.scmulan.train",
-    "ScMulanTrainConfig": "msfm.models.scmulan.train",
-    "ScMulanLossConfig": "msfm.models.scmulan.objective",
 }
+
+# Old names, one release: wrappers that warn and translate the call.
+_OLD = {
+    "annotate": "msfm.models.scmulan._deprecated",
+    "predict_organ": "msfm.models.scmulan._deprecated",
+    "load_model": "msfm.models.scmulan._deprecated",
+}
+_MOVED = {"LoadedScMulan": "msfm.runtime.loaded:Loaded"}
 
 __all__ = sorted(_API)
 
-__getattr__, __dir__ = lazy_exports("msfm.models.scmulan", _API, globals())
+_lazy_getattr, __dir__ = lazy_exports("msfm.models.scmulan", {**_API, **_OLD}, globals())
+_moved_getattr = moved_names("msfm.scmulan", _MOVED)
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED:
+        return _moved_getattr(name)
+    return _lazy_getattr(name)

@@ -22,61 +22,114 @@ Repeat masks (the one behavioural difference between the two released model clas
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
+from msfm.errors import MsfmInputError
 from msfm.models.scmulan.model import ScMulan
 
-__all__ = ["DecodeOptions", "GenerationResult", "generate_tokens", "id_mask"]
+__all__ = ["USER_OPTIONS", "DecodeOptions", "GenerationResult", "generate_tokens", "id_mask"]
 
 RepeatMask = Literal["official", "all", "generated", "none"]
 
 
-@dataclass(frozen=True)
-class DecodeOptions:
-    """How to pick tokens.
+#: The decoding options a user may set (``stop_at_end`` and ``end_id`` are set by the verbs).
+USER_OPTIONS = (
+    "max_new_tokens",
+    "greedy",
+    "temperature",
+    "top_k",
+    "end_weight",
+    "repeat_mask",
+    "constrained",
+    "seed",
+)
+
+
+class DecodeOptions(BaseModel):
+    """How scMulan picks words: the decoding options of every verb that decodes, declared (and documented) once.
+
+    The verbs take them as keyword arguments (``msfm.scmulan.generate(prompts, ckpt, temperature=0.7,
+    end_weight=0.1)``), or as one object (``decoding=DecodeOptions(...)``), and each verb accepts the ones that
+    apply to it (annotation decodes greedily with fixed steps, so it only takes ``constrained`` and
+    ``repeat_mask``); a misspelt name gets "did you mean".
 
     Attributes:
-        max_new_tokens: most tokens to generate per sentence (an ``<E>`` ends a sentence earlier).
-        greedy: take the most probable token (the release's ``top_k=1``); otherwise sample.
+        max_new_tokens: most words to generate per sentence (an ``<E>`` ends a sentence earlier). ``None``: the
+            verb's default (generation: every gene once plus ``<E>``, within the model's ``max_length``).
+        greedy: take the most probable word (the release's ``top_k=1``); otherwise sample.
         temperature: divides the logits before top-k and softmax (sampling only; 1 = the release).
-        top_k: keep the ``k`` largest logits before sampling (``None`` = all).
+        top_k: sample among the ``k`` largest logits (``None`` = all).
         end_weight: multiply the probability of ``<E>`` by this before picking (the release's ``gamma``;
             0.1 in the paper's generation experiments, 1 = unchanged).
-        repeat_mask: ``"official"``, ``"all"``, ``"generated"`` or ``"none"`` (see the module docstring).
-        stop_at_end: a sentence stops at its first ``<E>``.
-        end_id: id of ``<E>``.
+        repeat_mask: which words may not come again: ``"official"`` (the release's non-cached model class: every
+            word but the last one), ``"all"`` (its KV-cache class: every word seen), ``"generated"`` (only
+            generated words; next state) or ``"none"`` (see the module docstring).
+        constrained: restrict each step to the words the task expects (annotation: cell types; organ: organs,
+            then regions; generation: genes and ``<E>``); ``False`` decodes freely, as the release does.
+        seed: seed of the sampling; each generated cell draws from its own stream, so outputs do not depend on
+            the batch size.
+        stop_at_end: a sentence stops at its first ``<E>`` (internal).
+        end_id: id of ``<E>`` (internal; set from the vocabulary).
     """
 
-    max_new_tokens: int
-    greedy: bool = True
-    temperature: float = 1.0
-    top_k: int | None = None
-    end_weight: float = 1.0
-    repeat_mask: RepeatMask = "all"
-    stop_at_end: bool = True
-    end_id: int = 0
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            msg = f"max_new_tokens must be >= 1, got {self.max_new_tokens}."
-            raise ValueError(msg)
-        if self.temperature <= 0:
-            msg = f"temperature must be > 0, got {self.temperature}; use greedy=True for deterministic decoding."
-            raise ValueError(msg)
-        if self.top_k is not None and self.top_k < 1:
-            msg = f"top_k must be >= 1 or None, got {self.top_k}."
-            raise ValueError(msg)
-        if self.end_weight < 0:
-            msg = f"end_weight must be >= 0, got {self.end_weight}."
-            raise ValueError(msg)
-        if self.repeat_mask not in ("official", "all", "generated", "none"):
-            msg = f"repeat_mask must be 'official', 'all', 'generated' or 'none', got {self.repeat_mask!r}."
-            raise ValueError(msg)
+    max_new_tokens: int | None = Field(None, ge=1)
+    greedy: bool = True
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int | None = Field(None, ge=1)
+    end_weight: float = Field(1.0, ge=0.0)
+    repeat_mask: RepeatMask = "all"
+    constrained: bool = True
+    seed: int = Field(0, ge=0)
+    stop_at_end: bool = True
+    end_id: int = Field(0, ge=0)
+
+    @classmethod
+    def parse(
+        cls,
+        options: Mapping[str, Any],
+        *,
+        verb: str,
+        accepted: Iterable[str] = USER_OPTIONS,
+        defaults: Mapping[str, Any] | None = None,
+        base: DecodeOptions | None = None,
+    ) -> DecodeOptions:
+        """The options of one verb call: the verb's ``defaults``, then ``base`` (the fields set on it), then
+        ``options`` (keyword arguments).
+
+        Args:
+            options: decoding keyword arguments of the call.
+            verb: the verb's name, for messages.
+            accepted: the options that apply to the verb.
+            defaults: the verb's own defaults (e.g. ``greedy=False`` for generation).
+            base: a ``DecodeOptions`` given as ``decoding=``.
+
+        Raises:
+            MsfmInputError: an option that does not apply to the verb, or an invalid value.
+        """
+        accepted = tuple(accepted)
+        given = {**(base.model_dump(exclude_unset=True) if base is not None else {}), **options}
+        foreign = [k for k in given if k not in accepted]
+        if foreign:
+            msg = (
+                f"{verb} does not take the decoding option(s) {', '.join(map(repr, foreign))}; its decoding "
+                f"options are {', '.join(accepted) or 'none'} (see msfm.scmulan.DecodeOptions)."
+            )
+            raise MsfmInputError(msg)
+        try:
+            return cls(**{**dict(defaults or {}), **given})
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            msg = f"Invalid decoding option {where}={first.get('input')!r} for {verb}: {first.get('msg')}."
+            raise MsfmInputError(msg) from err
 
 
 @dataclass
@@ -184,6 +237,9 @@ def generate_tokens(
     Shape:
         - ids, levels, attention_mask: ``[b, n]``
     """
+    if options.max_new_tokens is None:
+        msg = "generate_tokens needs DecodeOptions.max_new_tokens (the verbs resolve it; set it when calling this)."
+        raise ValueError(msg)
     b, n = ids.shape
     device = ids.device
     vocab = model.config.vocab_size
