@@ -151,7 +151,7 @@ def test_niche_clustering_perfect_and_random() -> None:
 
 
 def test_niche_clustering_leiden_and_errors() -> None:
-    pytest.importorskip("leidenalg")
+    # leidenalg is a pinned dependency (pyproject.toml): no skip.
     rng = np.random.default_rng(4)
     labels = np.repeat([0, 1], 50)
     emb = np.where(labels[:, None] == 0, -10.0, 10.0) + rng.normal(0, 0.5, size=(100, 4))

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from PIL import Image
 
 from msfm.data.resources import resource_path, sha256_file
 from msfm.errors import MsfmInputError
-from msfm.runtime.atomic import atomic_write_text
+from msfm.runtime.atomic import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -196,19 +195,9 @@ def write_pyramid_tiff(
         "resolution": (1e4 / mpp, 1e4 / mpp),
         "resolutionunit": "CENTIMETER",
     }
-    if not path.parent.is_dir():
-        msg = f"Cannot write {path}: the folder {path.parent} does not exist. Create it first."
-        raise MsfmInputError(msg)
-    # Temporary sibling (same file system, so os.replace is an atomic rename); removed if anything fails.
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:10]}")
-    try:
-        with tifffile.TiffWriter(tmp) as tw:
-            for lvl, data in enumerate(pyramid):
-                tw.write(data, subfiletype=0 if lvl == 0 else 1, **opts)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=path.suffix) as tmp, tifffile.TiffWriter(tmp) as tw:
+        for lvl, data in enumerate(pyramid):
+            tw.write(data, subfiletype=0 if lvl == 0 else 1, **opts)
     return path
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from msfm.data.normalize import TARGET_SUM, canonical_csr, log1p_cp10k, row_totals
+from msfm.data.normalize import canonical_csr, log1p_cp10k, row_totals
 from msfm.errors import MsfmInputError
 
 __all__ = [
@@ -81,12 +81,8 @@ class TargetDepth:
         return f"{self.mode}{self.value:g}"
 
 
-def normalize_rows(counts: sp.spmatrix | sp.sparray, *, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
-    """``log1p(c / sum(c) * target_sum)`` over the given genes: :func:`msfm.data.normalize.log1p_cp10k`.
-
-    Shape: ``[n, g]`` -> ``[n, g]`` CSR float32.
-    """
-    return log1p_cp10k(counts, target_sum=target_sum)
+#: ``log1p(c / sum(c) * 1e4)`` over the given genes (the scFoundation values): the one normalisation of msfm.
+normalize_rows = log1p_cp10k
 
 
 def depth_tokens(totals: np.ndarray, target: str | TargetDepth) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import h5py
 import numpy as np
 
 from msfm.errors import MsfmInputError
+from msfm.runtime.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -214,25 +214,17 @@ def write_slide_features(path: str | os.PathLike[str], sf: SlideFeatures) -> Pat
         from msfm._version import __version__
 
         attrs["msfm_version"] = __version__
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:10]}.h5")
-    try:
-        with h5py.File(tmp, "w") as f:
-            # One chunk per ROI: readers that take a subset of ROIs touch only those chunks.
-            chunks = (1, TOKENS_PER_ROI, feats.shape[2]) if feats.shape[0] > 0 else None
-            f.create_dataset("features", data=feats, chunks=chunks)
-            f.create_dataset("coords", data=coords)
-            if tissue is not None:
-                f.create_dataset("tissue_fraction", data=tissue)
-            for key, value in attrs.items():
-                if value is None:  # HDF5 has no null; absent means "unknown" and reads back as the default
-                    continue
-                f.attrs[key] = _to_attr(value)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(target, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
+        # One chunk per ROI: readers that take a subset of ROIs touch only those chunks.
+        chunks = (1, TOKENS_PER_ROI, feats.shape[2]) if feats.shape[0] > 0 else None
+        f.create_dataset("features", data=feats, chunks=chunks)
+        f.create_dataset("coords", data=coords)
+        if tissue is not None:
+            f.create_dataset("tissue_fraction", data=tissue)
+        for key, value in attrs.items():
+            if value is None:  # HDF5 has no null; absent means "unknown" and reads back as the default
+                continue
+            f.attrs[key] = _to_attr(value)
     return target
 
 

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -19,6 +18,7 @@ from msfm.data import CellReadOptions, GeneMapping
 from msfm.errors import MsfmInputError
 from msfm.models.scmulan.decoding import DecodeOptions
 from msfm.runtime.jsonable import to_uns
+from msfm.runtime.kwargs import did_you_mean
 from msfm.runtime.loaded import Loaded
 
 __all__ = ["check_positive", "record", "split_options"]
@@ -55,15 +55,8 @@ def split_options(
         read = CellReadOptions.parse(rest, verb_parameters=[*own, *decode])
     else:
         if rest:
-            known = [*own, *decode]
-            parts = []
-            for key in rest:
-                close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
-                parts.append(
-                    f"{key!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
-                )
             msg = (
-                f"{verb} got unknown keyword argument(s) {', '.join(parts)}. Its decoding options are "
+                f"{verb} got unknown keyword argument(s) {did_you_mean(rest, [*own, *decode])}. Its decoding options are "
                 f"{', '.join(decode)} (see msfm.scmulan.DecodeOptions)."
             )
             raise MsfmInputError(msg)
