@@ -1,4 +1,6 @@
-"""`make demo` in quick mode: the whole main job on real bundled data writes a complete report."""
+"""`make demo` in quick mode: the whole main job on real bundled data writes a complete report.
+
+It runs through the command line, `msfm demo --quick -o OUT`, as `make demo` does (without --quick)."""
 
 from __future__ import annotations
 
@@ -6,13 +8,15 @@ import json
 
 import pytest
 
-from msfm.demo import run_demo
+from msfm.cli import main
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
-def test_quick_demo_writes_report(tmp_path):
-    report = run_demo(tmp_path, quick=True)
+def test_quick_demo_writes_report(tmp_path, capsys):
+    main(["demo", "--quick", "-o", str(tmp_path)])  # returns on success (an error exits with status 2)
+    report = tmp_path / "report.md"
+    assert capsys.readouterr().out.strip().endswith(f"report: {report}")
     text = report.read_text()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for section in ("Pretraining", "Embedding and clustering", "Read-depth enhancement", "What this shows"):
@@ -52,7 +56,13 @@ def test_quick_demo_writes_report(tmp_path):
     assert "## GeST (spatial transcriptomics)" in text
     gm = metrics["gest"]
     assert set(gm["generation"]) == {"gest_pick", "gest_weighted", "mean", "knn"}
-    assert all(v["rmse_all"] > 0 for v in gm["generation"].values())
+    # Quick mode (30 steps), measured 2026-12-02: rmse_all mean 0.2409 and kNN 0.2527 (the baselines are fixed by
+    # the data and the held-out windows; docs/benchmarks.md has the same numbers), GeST-W 0.2406, GeST-pick 0.2791.
+    gen = {k: v["rmse_all"] for k, v in gm["generation"].items()}
+    assert gen["mean"] == pytest.approx(0.2409, abs=1e-3), gen
+    assert gen["knn"] == pytest.approx(0.2527, abs=1e-3), gen
+    assert gen["gest_weighted"] < 1.1 * gen["mean"], gen
+    assert gen["gest_pick"] < 1.3 * gen["mean"], gen
     assert gm["n_held_out"] > 0
     assert gm["n_spots"] == 621
     for mode in ("requantize", "continuous"):

@@ -12,3 +12,15 @@ class MsfmInputError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint file or directory that is missing pieces, has the wrong schema or the wrong layout."""
+
+
+class OutputError(MsfmInputError):
+    """An output cannot be written: full disk, read-only folder, another process writing the same path.
+
+    A subclass of :class:`MsfmInputError`, so the CLI reports it in one line with exit status 2. Whatever was on disk
+    before the write is left as it was, and no temporary file remains.
+    """
+
+
+class ConfigChangedError(MsfmInputError):
+    """A run folder is resumed with settings that differ from the ones it was started with."""

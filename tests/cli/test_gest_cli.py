@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from msfm.cli import main
+from cli_runner import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -23,12 +23,7 @@ TRAIN_ARGS = (
 )  # fmt: skip
 
 
-def run(*args: object) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+run = run_cli
 
 
 def sha256(path: Path) -> str:
@@ -125,8 +120,17 @@ def test_train_writes_a_model_and_resumes(trained, tissue, tmp_path, capsys):
     cfg_file = tmp_path / "gest.yaml"
     cfg_file.write_text("n_pcs: 99\noptim: {lr: 0.5, warmup_steps: 3}\n")
     before = sha256(model / "model.safetensors")
-    code = run("gest", "train", tissue, "--out", model.parent, "--hold-out-column", "held", *TRAIN_ARGS,
-               "--config", cfg_file, "--lr", 0.001)  # fmt: skip
+    config_before = (model.parent / "config.json").read_bytes()
+    args = ("gest", "train", tissue, "--out", model.parent, "--hold-out-column", "held", *TRAIN_ARGS,
+            "--config", cfg_file, "--lr", 0.001)  # fmt: skip
+    # Other settings than the run started with: refused, naming them, nothing rewritten.
+    assert run(*args) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr 0.0003 -> 0.001" in err
+    assert "optim.warmup_steps 100 -> 3" in err
+    assert (model.parent / "config.json").read_bytes() == config_before
+    # --allow-config-change accepts them and records a new version, keeping the original one.
+    code = run(*args, "--allow-config-change")
     assert code == 0
     assert "resuming" in capsys.readouterr().out
     assert sha256(model / "model.safetensors") == before
@@ -135,6 +139,11 @@ def test_train_writes_a_model_and_resumes(trained, tissue, tmp_path, capsys):
     assert rec["run"]["optim"]["lr"] == 0.001
     assert rec["run"]["optim"]["warmup_steps"] == 3
     assert rec["run"]["trainer"]["max_steps"] == 4
+    first, second = rec["versions"]
+    assert first["run"]["optim"]["lr"] == 0.0003
+    assert first["started_at_step"] == 0
+    assert second["changed"]["run.optim.lr"] == [0.0003, 0.001]
+    assert second["started_at_step"] == 4
     # Unknown or invalid settings stop before any data is read.
     cfg_file.write_text("n_pcs: 10\nnot_a_field: 1\n")
     assert run("gest", "train", tissue, "--out", tmp_path / "r", "--config", cfg_file) == 2

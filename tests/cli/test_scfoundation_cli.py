@@ -110,7 +110,15 @@ def test_embed_csv_input(ckpt, cells_h5ad, io, tmp_path):
     assert res.uns["sf"]["embed"]["params"]["pool"] == "max"
 
 
-def test_enhance_and_gene_embed(ckpt, cells_h5ad, io, tmp_path):
+def _panel_columns(symbols) -> np.ndarray:
+    from msfm.data import GenePanel
+
+    index = {s: i for i, s in enumerate(GenePanel.scfoundation().symbols)}
+    return np.array([index[g] for g in symbols])
+
+
+def test_enhance_matches_official_gene_expression(ckpt, cells_h5ad, io, tmp_path):
+    """`msfm scfoundation enhance` writes the official `gene_expression` output (variant `gene`, T = 4)."""
     out = tmp_path / "enh.h5ad"
     assert (
         run(
@@ -123,22 +131,65 @@ def test_enhance_and_gene_embed(ckpt, cells_h5ad, io, tmp_path):
             out,
             "--target-depth",
             "t4",
+            "--batch-size",
+            "4",
             "--no-aliases",
             "--quiet",
         )
         == 0
     )
     res = ad.read_h5ad(out)
-    assert res.layers["scfoundation_enhanced"].shape == res.shape
-    h5 = tmp_path / "genes.h5"
-    assert (
-        run("scfoundation", "embed-genes", cells_h5ad, "-c", ckpt, "-o", h5, "--genes", "CD3E,LYZ", "--quiet")
-        == 0
+    enhanced = np.asarray(res.layers["scfoundation_enhanced"])
+    mapped = res.var["scfoundation_enhanced_mapped"].to_numpy()
+    assert enhanced.shape == res.shape == (6, 765)
+    assert int(mapped.sum()) == 691
+    # fixture README: atol = rtol = 1e-4 for every output (18x the largest deviation observed)
+    np.testing.assert_allclose(
+        enhanced[:, mapped],
+        io["gene_expression.t4"][:, _panel_columns(res.var_names[mapped])],
+        atol=1e-4,
+        rtol=1e-4,
     )
+    assert not enhanced[:, ~mapped].any()
+    np.testing.assert_array_equal(res.X.toarray(), io["source_counts"])  # the counts travel unchanged
+    assert res.uns["scfoundation"]["enhance"]["params"]["target_depth"] == "t4"
+
+
+def test_embed_genes_matches_official_gene_embeddings(ckpt, cells_h5ad, io, tmp_path):
+    """`msfm scfoundation embed-genes` (and its old name `gene-embed`) writes the official `gene_emb.t4`."""
     import h5py
 
-    with h5py.File(h5) as f:
-        assert f["embeddings"].shape == (6, 2, 16)
+    genes = ["CD3E", "LYZ", "ACTB", "A1BG"]  # A1BG: on the panel, zero in these cells
+    cell_ids = json.loads(safe_open(FIX / "tiny_official_io.safetensors", "np").metadata()["cell_ids"])
+    expected = io["gene_emb.t4"][:, _panel_columns(genes)]  # the fixture holds cells 0 and 1
+    for command in ("embed-genes", "gene-embed"):
+        h5 = tmp_path / f"{command}.h5"
+        assert (
+            run(
+                "scfoundation",
+                command,
+                cells_h5ad,
+                "-c",
+                ckpt,
+                "-o",
+                h5,
+                "--genes",
+                ",".join(genes),
+                "--cells",
+                f"{cell_ids[0]},{cell_ids[1]}",
+                "--target-depth",
+                "t4",
+                "--no-aliases",
+                "--quiet",
+            )
+            == 0
+        )
+        with h5py.File(h5) as f:
+            assert f["embeddings"].shape == (2, 4, 16)
+            np.testing.assert_allclose(f["embeddings"][:], expected, atol=1e-4, rtol=1e-4)
+            assert [g.decode() for g in f["genes"][:]] == genes
+            assert [c.decode() for c in f["cells"][:]] == cell_ids[:2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embed-genes.h5", "gene-embed.h5"]  # no debris
 
 
 def test_errors_exit_2_with_a_message(ckpt, cells_h5ad, tmp_path, capsys):
@@ -273,6 +324,7 @@ def test_old_command_names_are_hidden_aliases(ckpt, cells_h5ad, tmp_path, capsys
     assert h5.is_file()
 
 
+@pytest.mark.slow  # 22 s in the full run (two spawned processes)
 @pytest.mark.distributed
 def test_embed_two_process_ddp_matches_single(ckpt, cells_h5ad, io, tmp_path):
     """`--devices 2` on CPU: Lightning starts a second rank; rank 0 merges the shards in file order."""

@@ -12,19 +12,14 @@ import pytest
 import scipy.sparse as sp
 from safetensors.torch import load_file
 
-from msfm.cli import main
+from cli_runner import run_cli
 from msfm.tokenizers.cell_sentence import CellSentenceVocab
 
 FIX = Path(__file__).parents[1] / "fixtures" / "scmulan"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def run(*args: object) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+run = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -138,14 +138,13 @@ def test_empty_and_duplicated():
         CellSource(adata)
 
 
-def test_integer_pre_normalized_warns_and_source_untouched():
+def test_integer_pre_normalized_is_refused_and_source_untouched():
+    # Integer-only values cannot be log1p-normalised: pre_normalized=True on counts is refused (issue 12).
     x = _counts()
     adata = _adata(x)
     before = adata.X.copy()
-    with pytest.warns(UserWarning, match="look like raw counts"):
-        src = CellSource(adata, pre_normalized=True)
-    assert src.kind == "normalized"
-    src.rows([0, 1])
+    with pytest.raises(MsfmInputError, match=r"only integer values \(max \d+\): these look like raw counts"):
+        CellSource(adata, pre_normalized=True)
     assert (adata.X != before).nnz == 0
 
 

@@ -167,7 +167,8 @@ class _Crash(Callback):
 
 
 def test_killed_run_leaves_usable_model_and_resumes(tmp_path: Path) -> None:
-    module = MsfmLightningModule(_net(), _noisy_mse, OptimConfig(lr=1e-2, total_steps=20))
+    # The optimiser settings of _train: a resume must repeat them (msfm.engine.trainer.check_resume).
+    module = MsfmLightningModule(_net(), _noisy_mse, OptimConfig(lr=1e-2, warmup_steps=2, total_steps=20))
     options = TrainerOptions(**{**QUIET, "max_steps": 10, "checkpoint_every_n_steps": 2})
     trainer = build_trainer(
         options, tmp_path, export=ExportSpec(family="tiny", config={}), callbacks=[_Crash(at_step=5)]

@@ -104,7 +104,14 @@ def test_enhance_matches_official_gene_expression(cells, ckpts, io):
         rtol=ATOL,
     )
     assert not out.layers["scfoundation_enhanced"][:, ~mapped].any()
-    assert "counts" not in out.layers or out.layers["counts"] is not None
+    assert int(mapped.sum()) == 691  # the official mapping of these 765 genes (no aliases)
+    # Only the documented additions: the counts stay as given, and copy=True left the caller's AnnData alone.
+    assert set(out.layers) == {"scfoundation_enhanced"}
+    np.testing.assert_array_equal(out.X.toarray(), io["source_counts"])
+    assert out.uns["scfoundation"]["enhance"]["params"]["target_depth"] == "t4"
+    assert not cells.layers
+    assert "scfoundation_enhanced_mapped" not in cells.var
+    assert "scfoundation" not in cells.uns
 
 
 def test_embed_genes_memory_and_disk(cells, ckpts, io, tmp_path):

@@ -171,6 +171,7 @@ def test_old_pretrain_names_warn_and_still_work(pbmc, tmp_path):
     assert (model_dir / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # 22 s in the full run (two spawned processes)
 @pytest.mark.distributed
 def test_pretrain_two_process_ddp_cpu(pbmc_file, tmp_path):
     """2-process CPU DDP (gloo): both ranks train, the run exports one model."""
@@ -198,6 +199,7 @@ def test_pretrain_two_process_ddp_cpu(pbmc_file, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "model").meta["extra"]["global_step"] == 3
 
 
+@pytest.mark.slow  # 58 s in the full run
 def test_finetune_and_predict_on_real_labels(pbmc, tmp_path):
     from msfm.models.scfoundation.model import ScFoundation
     from msfm.models.scfoundation.provenance import preprocessing_record

@@ -381,6 +381,7 @@ def test_config_file_and_overrides(tmp_path):
     assert cfg2.optim.betas == (0.9, 0.95)
 
 
+@pytest.mark.slow  # 23 s in the full run (two spawned processes)
 @pytest.mark.distributed
 def test_train_two_process_ddp_cpu(small, tmp_path):
     """2-process CPU DDP (gloo): both ranks train on different examples, the run exports one model."""

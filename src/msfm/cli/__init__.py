@@ -6,6 +6,7 @@ set ``MSFM_DEBUG=1`` to see the traceback.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -64,6 +65,14 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return tuple(usage), tuple(abort)
 
 
+# Full disk, quota, file too large, read-only file system, permission denied.
+_FILESYSTEM_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM")
+    if hasattr(errno, name)
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     from msfm.errors import CheckpointError, MsfmInputError
@@ -85,6 +94,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except typer.Exit as err:
         sys.exit(err.exit_code)
+    except OSError as err:
+        # A safety net: the writers turn these into OutputError themselves; one that slips through (a third-party
+        # writer, a log file) is still reported as one line about the file system, not as a traceback.
+        if os.environ.get("MSFM_DEBUG") or err.errno not in _FILESYSTEM_ERRNOS:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        typer.secho(
+            f"error: the file system refused an operation{where}: {err.strerror or err}. Check free space "
+            "(df -h), write permissions and that the folder is not read-only, then run the command again; "
+            "MSFM_DEBUG=1 shows the traceback.",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        sys.exit(2)
     except Exception as err:  # usage errors come through here in non-standalone mode
         usage, abort = _click_exception_types()
         if isinstance(err, usage):

@@ -291,7 +291,7 @@ def embed(
         )
         counts = result.obs[f"{key_added}_niche"].value_counts().sort_index().to_dict()
         typer.echo(f"{cluster} niches in obs['{key_added}_niche']: {counts}")
-    write_output(result, target, data)
+    write_output(result, target, data, replace=overwrite)
     typer.echo(f"wrote {out}: obsm['X_{key_added}'] {result.obsm[f'X_{key_added}'].shape}")
 
 
@@ -465,7 +465,7 @@ def evaluate(
 @read_options("spatial")
 @trainer_options(
     "max_steps", "batch_size", "lr", "accelerator", "devices", "strategy", "precision", "seed",
-    "checkpoint_every_n_steps",
+    "checkpoint_every_n_steps", "allow_config_change",
 )  # fmt: skip
 def fit_classifier(
     data: Data,

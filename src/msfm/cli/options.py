@@ -175,6 +175,17 @@ _TRAINER_OPTIONS = {
         ],
         None,
     ),
+    "allow_config_change": option_parameter(
+        "allow_config_change",
+        Annotated[
+            bool,
+            typer.Option(
+                "--allow-config-change",
+                help="Resume a run although its settings changed (recorded as a new version in config.json).",
+            ),
+        ],
+        False,
+    ),
 }
 
 

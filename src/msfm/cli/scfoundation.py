@@ -202,7 +202,10 @@ def train(
 
 @app.command("fit-classifier")
 @read_options("cells")
-@trainer_options("max_epochs", "batch_size", "lr", "accelerator", "devices", "strategy", "precision", "seed")
+@trainer_options(
+    "max_epochs", "batch_size", "lr", "accelerator", "devices", "strategy", "precision", "seed",
+    "allow_config_change",
+)  # fmt: skip
 def fit_classifier(
     data: Data,
     checkpoint: Checkpoint,

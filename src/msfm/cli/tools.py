@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from msfm.cli.options import Overwrite
+
 datasets_app = typer.Typer(
     help="Real datasets bundled inside installed packages (offline).", no_args_is_help=True
 )
@@ -29,11 +31,14 @@ def datasets_list() -> None:
 def datasets_export(
     name: Annotated[str, typer.Argument(help="Dataset name, e.g. pbmc68k")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad")],
+    overwrite: Overwrite = False,
 ) -> None:
     """Write a bundled AnnData dataset to an .h5ad file (`msfm datasets list` says what each one holds)."""
     import msfm.datasets as ds
     from msfm.errors import MsfmInputError
-    from msfm.runtime.h5ad import write_h5ad_atomic
+    from msfm.runtime.h5ad import check_output, write_h5ad_atomic
+
+    check_output(out, overwrite=overwrite)
 
     available = ds.list_datasets()
     if name not in available:
@@ -51,7 +56,7 @@ def datasets_export(
     except TypeError as err:
         msg = f"Dataset {name!r} needs arguments ({available[name].get('function')}); use the Python API."
         raise MsfmInputError(msg) from err
-    write_h5ad_atomic(adata, out)
+    write_h5ad_atomic(adata, out, replace=overwrite)
     typer.echo(f"wrote {out}")
 
 
@@ -65,6 +70,7 @@ def bench_scfoundation(
     sections: Annotated[str, typer.Option(help="Comma list: speed,flops,bf16,rss")] = "speed,flops,bf16,rss",
 ) -> None:
     """Cells/s, peak memory, FLOP rate vs matmul rate, bf16 agreement, backed-file RSS."""
+    _results_folder(out)
     from msfm.bench.scfoundation import run_benchmarks
 
     results = run_benchmarks(
@@ -87,6 +93,7 @@ def bench_scmulan(
     ] = "annotation,generation",
 ) -> None:
     """Annotation cells/s (official-style loop vs batched fp32/bf16/int8), generation tokens/s, peak RSS."""
+    _results_folder(out)
     from msfm.bench.scmulan import run_benchmarks
 
     results = run_benchmarks(
@@ -119,6 +126,7 @@ def bench_roam_model(
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
 ) -> None:
     """ROAM model cost per slide (released size): seconds, ROIs/s, GFLOP/s and peak RSS, each in its own process."""
+    _results_folder(out)
     from msfm.bench.roam_model import run_model_bench
 
     results = run_model_bench(
@@ -148,6 +156,7 @@ def bench_gest(
     skip_speed: Annotated[bool, typer.Option("--skip-speed", help="Only the quality run.")] = False,
 ) -> None:
     """GeST: held-out generation vs baselines and niche AMI/ARI on real data; KV-cache generation speed."""
+    _results_folder(out)
     from msfm.bench.gest import run_quality_bench, run_speed_bench
 
     if not skip_quality:
@@ -171,3 +180,11 @@ def _register_roam_bench() -> None:
 
 
 _register_roam_bench()
+
+
+def _results_folder(out: Path) -> None:
+    # Create (and probe) the results folder before a benchmark runs for minutes, not when it saves its JSON.
+    from msfm.runtime.atomic import probe_writable
+
+    probe_writable(out)
+    out.mkdir(parents=True, exist_ok=True)

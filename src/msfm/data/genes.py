@@ -571,6 +571,7 @@ def harmonize_genes(
         report["matched_by_method"],
     )
 
+    _warn_mouse_case(inputs, by_method, n_mapped, species)
     if fraction < min_panel_fraction:
         msg = (
             f"Only {n_mapped} of {len(panel)} panel genes ({fraction:.2%}) were found in the {n} input genes; at least "
@@ -589,6 +590,33 @@ def harmonize_genes(
     return mapping
 
 
+_MOUSE_SYMBOL = re.compile(r"^[A-Z][a-z0-9]+[a-z0-9-]*$")
+
+
+def _mouse_like_fraction(names: Iterable[Any]) -> float:
+    """Share of symbols written as mouse genes are (capital then lower case: 'Actb', 'Cd3e')."""
+    flags = [bool(_MOUSE_SYMBOL.match(s)) and s != s.upper() for s in names if isinstance(s, str) and s]
+    return float(np.mean(flags)) if flags else 0.0
+
+
+def _warn_mouse_case(inputs: _Inputs, by_method: Counter, n_mapped: int, species: str) -> None:
+    """Warn when human mapping leaned on case folding for symbols that look like mouse genes."""
+    n_case = int(by_method.get("case_insensitive", 0))
+    if species != "human" or n_mapped == 0 or n_case <= 0.5 * n_mapped:
+        return
+    if _mouse_like_fraction(inputs.symbols) <= 0.5:
+        return
+    examples = [s for s in inputs.symbols if isinstance(s, str) and _MOUSE_SYMBOL.match(s)][:3]
+    warnings.warn(
+        f"{n_case} of the {n_mapped} matched genes matched only after case folding, and the symbols look like mouse "
+        f"genes (e.g. {examples}). Mapped as human genes of the same name, mouse genes without a same-named human "
+        "ortholog are lost or mismatched. If the data are from mouse, pass species='mouse' (CLI: --species mouse) "
+        "to map them through curated orthologs; if they are human, ignore this warning.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def _likely_cause(inputs: _Inputs, species: str) -> str:
     names = [str(s) for s in inputs.names]
     ids = _is_ensembl(names)
@@ -602,8 +630,7 @@ def _likely_cause(inputs: _Inputs, species: str) -> str:
             "Likely cause: var_names are Ensembl ids without a usable symbol column, or ids unknown to GENCODE "
             "v44. Pass gene_column=<column with gene symbols>."
         )
-    mouse_like = np.mean([bool(re.match(r"^[A-Z][a-z0-9]+[a-z0-9-]*$", s)) and s != s.upper() for s in names])
-    if mouse_like > 0.5 and species == "human":
+    if _mouse_like_fraction(names) > 0.5 and species == "human":
         return "Likely cause: the genes look like mouse symbols (e.g. 'Cd3e'); pass species='mouse'."
     return (
         "Likely cause: the input holds few genes of the panel (e.g. a targeted panel or only a small gene subset), "

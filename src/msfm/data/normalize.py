@@ -15,6 +15,7 @@ float32 ulp (measured in ``tests/data/test_normalize.py``).
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,7 +27,16 @@ if TYPE_CHECKING:
     from msfm.data.genes import GeneMapping
     from msfm.data.source import CellSource
 
-__all__ = ["TARGET_SUM", "canonical_csr", "log1p_cp10k", "normalized_rows", "row_totals"]
+__all__ = [
+    "LOG1P_CP10K_MAX",
+    "PRE_NORMALIZED_MAX",
+    "TARGET_SUM",
+    "canonical_csr",
+    "check_log1p_values",
+    "log1p_cp10k",
+    "normalized_rows",
+    "row_totals",
+]
 
 #: Library size after scaling (counts per 10k).
 TARGET_SUM = 1e4
@@ -122,3 +132,89 @@ def normalized_rows(
     if mapping is not None:
         x = mapping.apply(x)
     return log1p_cp10k(x, totals=totals, target_sum=target_sum)
+
+
+# ----------------------------------------------------------------------------------------- pre-normalised input
+#: The largest log1p CP10k value: a cell whose counts all fall on one gene, ``log1p(1e4)`` = 9.21.
+LOG1P_CP10K_MAX = float(np.log1p(TARGET_SUM))
+#: Values above this cannot be log-normalised expression of any common scale (log1p CPM peaks at 13.8 and
+#: log2(CPM + 1) at 19.9); ``pre_normalized=True`` refuses them.
+PRE_NORMALIZED_MAX = 20.0
+_FIX = (
+    "Fix: pass the raw counts without pre_normalized (CLI: drop --pre-normalized; msfm normalises counts itself), "
+    "or log1p-normalise the values first (`sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata)`, "
+    "which also turns TPM/CPM into log1p CP10k)."
+)
+
+
+def _row_of(block: Any, position: int) -> int:
+    if sp.issparse(block):
+        return int(np.searchsorted(sp.csr_matrix(block).indptr, position, side="right") - 1)
+    return position // max(1, np.asarray(block).shape[1])
+
+
+def check_log1p_values(
+    block: Any,
+    *,
+    matrix_name: str = "X",
+    cell_names: Any = None,
+    start: int = 0,
+    row_positions: np.ndarray | None = None,
+    check_integers: bool = True,
+    warn: bool = True,
+) -> float:
+    """Refuse values that cannot be log1p-normalised expression (the check behind ``pre_normalized=True``).
+
+    Every family that accepts pre-normalised values calls this through :class:`msfm.data.CellSource`, on the whole
+    matrix when it is in memory and on each block read when it is backed (so large files stay cheap).
+
+    Args:
+        block: ``[b, g]`` values, sparse or dense (non-negative and finite: checked before).
+        matrix_name: where the values come from, for messages (``"X"``, ``"layers['counts']"``).
+        cell_names: names of the rows (for messages), or None.
+        start: row position of the first row of ``block``.
+        row_positions: row position of every row of ``block`` (rows read out of order); overrides ``start``.
+        check_integers: refuse a block whose non-zero values are all integers (raw counts). Backed sources check
+            only the block that decides the kind of matrix.
+        warn: warn when the maximum lies above log1p CP10k's range but below :data:`PRE_NORMALIZED_MAX`.
+
+    Returns:
+        The largest value of ``block`` (0 for an empty block).
+
+    Raises:
+        MsfmInputError: a value above :data:`PRE_NORMALIZED_MAX` (TPM, CPM or counts), or only integer values.
+    """
+    csr = sp.csr_matrix(block) if sp.issparse(block) else None
+    data = csr.data if csr is not None else np.asarray(block).ravel()
+    if data.size == 0:
+        return 0.0
+    position = int(np.argmax(data))
+    vmax = float(data[position])
+    if vmax > PRE_NORMALIZED_MAX:
+        local = _row_of(csr if csr is not None else block, position)
+        row = int(row_positions[local]) if row_positions is not None else start + local
+        cell = f" (cell {cell_names[row]!r}, row {row})" if cell_names is not None else f" (row {row})"
+        msg = (
+            f"pre_normalized=True, but {matrix_name} holds values up to {vmax:,.6g}{cell}: these are not "
+            f"log1p-normalised values (log1p of counts per 10k lies in [0, {LOG1P_CP10K_MAX:.2f}]; msfm accepts up "
+            f"to {PRE_NORMALIZED_MAX:g}). They look like TPM, CPM or raw counts. {_FIX}"
+        )
+        raise MsfmInputError(msg)
+    if check_integers:
+        nonzero = data[data != 0]
+        if nonzero.size and bool(np.all(np.abs(nonzero - np.rint(nonzero)) <= 1e-3)):
+            msg = (
+                f"pre_normalized=True, but {matrix_name} holds only integer values (max {vmax:g}): these look like "
+                f"raw counts, not log1p-normalised values (log1p CP10k values are not integers). {_FIX}"
+            )
+            raise MsfmInputError(msg)
+    if warn and vmax > LOG1P_CP10K_MAX + 1e-3:
+        warnings.warn(
+            f"pre_normalized=True: {matrix_name} holds values up to {vmax:.4g}, above {LOG1P_CP10K_MAX:.2f}, the "
+            "largest log1p CP10k value (log1p(count / total * 1e4)). The models expect log1p CP10k; values of "
+            "another scale (log1p CPM, log2) shift every gene. Normalise raw counts with msfm (drop "
+            "pre_normalized) or rescale to log1p CP10k.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return vmax

@@ -28,7 +28,8 @@ class CellReadOptions(BaseModel):
         layer: matrix to read; default ``layers["counts"]`` when present, else ``X`` if it holds non-negative
             integers.
         pre_normalized: the matrix already holds log1p-normalised values (normalised over all of each cell's
-            genes); they are used as they are, with a warning.
+            genes); they are used as they are, with a warning. Values above 20 (TPM, CPM, counts) or integer-only
+            values are refused.
         gene_column: ``var`` column holding gene symbols or Ensembl IDs (default: ``var_names``).
         species: ``"mouse"`` maps mouse genes onto the human genes through orthologs.
         use_aliases: map previous and alias symbols onto current ones.
@@ -82,7 +83,9 @@ class SpatialReadOptions(CellReadOptions):
 
     Attributes:
         spatial_key: ``obsm`` key of the coordinates.
-        scale: µm per coordinate unit (default: ``uns["msfm_spatial"]["um_per_unit"]``, else 1).
+        scale: µm per coordinate unit (default: ``uns["msfm_spatial"]["um_per_unit"]``, else for scanpy-style
+            Visium pixels ``65 / spot_diameter_fullres`` with a warning, else 1). Coordinates whose neighbour
+            spacing cannot be µm (mm, nm) are refused with the likely scale.
         section_key: ``obs`` column naming the section (slide) of each cell.
         duplicates: cells at identical coordinates: ``"error"``, ``"keep"`` or ``"jitter"`` (seeded sub-micron).
         min_panel_fraction: here 0.5: a spatial model needs most of its genes.

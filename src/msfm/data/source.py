@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from msfm.data.normalize import check_log1p_values
 from msfm.errors import MsfmInputError
 
 logger = logging.getLogger(__name__)
@@ -49,16 +50,20 @@ class CellSource:
         adata: in-memory or backed (``backed="r"``) AnnData, cells x genes. It is never modified.
         layer: layer to read. Default: ``layers["counts"]`` when present, else ``X``.
         pre_normalized: the chosen matrix holds log-normalised values to be used as they are (warns). Without it,
-            a non-integer matrix is an error.
+            a non-integer matrix is an error. With it, values that cannot be log1p-normalised (above 20, or only
+            integers) are an error (:func:`msfm.data.normalize.check_log1p_values`; backed: checked per block).
         chunk_size: rows per block for validation and :meth:`iter_chunks`.
 
     Attributes:
         kind: ``"counts"`` or ``"normalized"``.
         matrix_name: where the values come from, e.g. ``"layers['counts']"`` or ``"X"``.
 
+    float16 matrices are read as float32 (exact); bool, complex, object and text matrices are refused.
+
     Raises:
-        MsfmInputError: empty data, duplicated gene names, unknown layer, negative / NaN / inf values, or
-            non-integer values without ``pre_normalized=True``.
+        MsfmInputError: empty data, duplicated gene names, unknown layer, an unsupported dtype, negative / NaN /
+            inf values, non-integer values without ``pre_normalized=True``, or values that are not log1p-normalised
+            with it.
 
     Example:
         >>> src = CellSource(adata)                      # doctest: +SKIP
@@ -96,6 +101,7 @@ class CellSource:
             raise MsfmInputError(msg)
 
         self.layer, self.matrix_name, self._matrix = self._choose_matrix(layer)
+        self._matrix = self._check_dtype(self._matrix)
         if sp.issparse(self._matrix) and self._matrix.format != "csr":
             # Row access needs CSR; this copies the matrix once (the AnnData itself is left as it is).
             logger.info("converting %s from %s to CSR for row access", self.matrix_name, self._matrix.format)
@@ -106,16 +112,12 @@ class CellSource:
         # of X would defeat backing); every later block is checked against that decision as it is read.
         probe = self._read_slice(0, min(n_obs, self.chunk_size)) if self.backed else self._matrix
         integer, n_bad, first_bad = self._check_block(probe, 0)
-        if integer:
+        if self.pre_normalized:
+            # Refuses TPM/CPM/counts (values above any log scale, or integers only); in memory the whole matrix
+            # is checked, backed data the first block here and every later block as it is read.
+            check_log1p_values(probe, matrix_name=self.matrix_name, cell_names=adata.obs_names)
+        if integer and not self.pre_normalized:
             self.kind: Literal["counts", "normalized"] = "counts"
-            if self.pre_normalized:
-                warnings.warn(
-                    f"pre_normalized=True, but {self.matrix_name} holds integer values that look like raw counts. "
-                    "They are used as log-normalised values as requested; drop pre_normalized to normalise them.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                self.kind = "normalized"
         elif self.pre_normalized:
             self.kind = "normalized"
             warnings.warn(
@@ -147,6 +149,34 @@ class CellSource:
             msg = "The AnnData has no X and no layers['counts']; store raw counts in one of them."
             raise MsfmInputError(msg)
         return None, "X", adata.X
+
+    def _check_dtype(self, matrix: Any) -> Any:
+        """float16 is read as float32 (exact; scipy.sparse has no float16); non-numeric dtypes are refused."""
+        dtype = np.dtype(getattr(matrix, "dtype", np.float32))
+        if dtype.kind in "iuf" and dtype != np.float16:
+            return matrix
+        if dtype == np.float16:
+            logger.info("%s is float16: its values are read as float32 (exact)", self.matrix_name)
+            if isinstance(matrix, np.ndarray):
+                return matrix.astype(np.float32)
+            if getattr(matrix, "format", None) is None:
+                return matrix  # a backed dense array: every block read is cast (see _to_csr32)
+            return _Float16Rows(matrix, self.matrix_name)
+        what = {"b": "bool", "c": "complex", "O": "object", "U": "text", "S": "bytes"}.get(
+            dtype.kind, str(dtype)
+        )
+        fix = (
+            "If the 0/1 values are counts, convert them: `adata.X = adata.X.astype(np.float32)`."
+            if dtype.kind == "b"
+            else "Store the counts as integers or float32/float64, e.g. `adata.X = adata.X.astype(np.float32)` "
+            "(complex values: keep the real part with `.real`)."
+        )
+        named = f"{dtype}" if what == str(dtype) else f"{dtype} ({what})"
+        msg = (
+            f"{self.matrix_name} has dtype {named}; expected numbers: integer counts, or float32/float64 "
+            f"(float16 is read as float32). {fix}"
+        )
+        raise MsfmInputError(msg)
 
     def _raise_not_counts(self, n_bad: int, first_bad: int) -> None:
         hint = ""
@@ -201,6 +231,15 @@ class CellSource:
         bad = ~np.isfinite(data) | (data < 0)
         if self.kind == "counts":
             bad |= np.abs(data - np.rint(data)) > INTEGER_TOLERANCE
+        elif not bad.any():
+            check_log1p_values(
+                block,
+                matrix_name=self.matrix_name,
+                cell_names=self.adata.obs_names,
+                row_positions=obs_idx,
+                check_integers=False,
+                warn=False,
+            )
         if bad.any():
             # Re-check the first offending row alone to raise the detailed message with the right cell.
             row = int(obs_idx[_first_row(block, bad)])
@@ -313,7 +352,8 @@ def _to_csr32(block: Any) -> sp.csr_matrix:
     if sp.issparse(block):
         out = sp.csr_matrix(block)
     else:
-        out = sp.csr_matrix(np.asarray(block))
+        dense = np.asarray(block)
+        out = sp.csr_matrix(dense.astype(np.float32) if dense.dtype == np.float16 else dense)
     if out.dtype != np.float32:
         out = out.astype(np.float32)
     return out
@@ -325,3 +365,46 @@ def _first_row(block: Any, flags: np.ndarray) -> int:
     if sp.issparse(block):
         return int(np.searchsorted(block.indptr, position, side="right") - 1)
     return position // max(1, np.asarray(block).shape[1])
+
+
+class _Float16Rows:
+    """Row reads of a backed sparse matrix stored as float16, returned as CSR float32 (exact).
+
+    anndata's backed sparse reader builds scipy matrices of the stored dtype, and scipy.sparse has no float16, so
+    the rows are read here from the HDF5/zarr group itself, one contiguous read per run of consecutive rows.
+    """
+
+    def __init__(self, dataset: Any, name: str) -> None:
+        group = getattr(dataset, "group", None)
+        if group is None or dataset.format != "csr":
+            msg = (
+                f"{name} is a backed float16 {dataset.format} matrix, which msfm "
+                "reads only as CSR. Read the file in memory (backed=False: float16 is read as float32), or store "
+                "X as float32 CSR."
+            )
+            raise MsfmInputError(msg)
+        self._data, self._indices = group["data"], group["indices"]
+        self._indptr = np.asarray(group["indptr"][()], dtype=np.int64)
+        self.shape = tuple(int(v) for v in dataset.shape)
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, idx: Any) -> sp.csr_matrix:
+        if isinstance(idx, slice):
+            rows = np.arange(self.shape[0])[idx]
+        else:
+            rows = np.asarray(idx, dtype=np.int64).ravel()
+        if rows.size == 0:
+            return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
+        # Runs of consecutive rows: each is one slice of data/indices.
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        parts = []
+        for run in np.split(rows, breaks):
+            lo, hi = int(self._indptr[run[0]]), int(self._indptr[run[-1] + 1])
+            indptr = self._indptr[run[0] : run[-1] + 2] - lo
+            data = np.asarray(self._data[lo:hi], dtype=np.float32)
+            parts.append(
+                sp.csr_matrix(
+                    (data, np.asarray(self._indices[lo:hi]), indptr), shape=(run.size, self.shape[1])
+                )
+            )
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +78,8 @@ class SpatialCoords:
         scale: µm per unit of ``adata.obsm[key]``.
         key: The ``obsm`` key the coordinates were read from.
         n_jittered: Rows moved by ``duplicates="jitter"`` (0 otherwise).
+        scale_source: Where ``scale`` came from: ``scale=``, ``uns['msfm_spatial']...``, Visium scale factors, or
+            the default.
 
     Shape:
         xy ``[n, 2]``; section ``[n]``.
@@ -87,6 +91,7 @@ class SpatialCoords:
     scale: float
     key: str
     n_jittered: int = field(default=0)
+    scale_source: str = field(default="scale=")
 
     def __len__(self) -> int:
         return int(self.xy.shape[0])
@@ -101,12 +106,18 @@ class SpatialCoords:
         return np.flatnonzero(self.section == section).astype(np.int64)
 
 
-def _scale_from(adata: ad.AnnData, scale: float | None) -> float:
+def _scale_from(adata: ad.AnnData, scale: float | None, key: str = "spatial") -> tuple[float, str]:
+    """µm per unit of ``obsm[key]`` and where it came from (the argument, ``uns``, Visium scale factors, default)."""
+    source = "scale="
     if scale is None:
         info = adata.uns.get("msfm_spatial")
-        scale = 1.0
-        if isinstance(info, dict) and "um_per_unit" in info:
-            scale = info["um_per_unit"]
+        scale, source = 1.0, "no scale given: taken as µm"
+        if isinstance(info, Mapping) and "um_per_unit" in info:
+            scale, source = info["um_per_unit"], "uns['msfm_spatial']['um_per_unit']"
+        elif key == "spatial":
+            visium = _visium_pixel_scale(adata)
+            if visium is not None:
+                return visium, "Visium scale factors (uns['spatial'])"
     try:
         value = float(scale)
     except (TypeError, ValueError):
@@ -118,7 +129,128 @@ def _scale_from(adata: ad.AnnData, scale: float | None) -> float:
             "scale=<µm per unit> or set adata.uns['msfm_spatial'] = {'unit': 'um', 'um_per_unit': <value>}."
         )
         raise MsfmInputError(msg)
-    return value
+    return value, source
+
+
+def _visium_pixel_scale(adata: ad.AnnData) -> float | None:
+    """µm per pixel of scanpy/squidpy-style Visium data (``obsm['spatial']`` in full-resolution pixels).
+
+    scanpy's ``read_visium`` keeps the spot centres in pixels of the full-resolution image and the Space Ranger
+    scale factors in ``uns['spatial'][library]['scalefactors']``. The factor is :data:`VISIUM_SPOT_DIAMETER_UM`
+    / ``spot_diameter_fullres`` (as :func:`read_visium` uses); it is recorded in ``uns['msfm_spatial']`` with a
+    warning. None when the data carry no scale factors.
+
+    Raises:
+        MsfmInputError: scale factors without a usable ``spot_diameter_fullres``, or libraries of different pixel
+            sizes (no one factor converts them all).
+    """
+    info = adata.uns.get("spatial")
+    if not isinstance(info, Mapping):
+        return None
+    libraries = {
+        str(lib): v["scalefactors"]
+        for lib, v in info.items()
+        if isinstance(v, Mapping) and isinstance(v.get("scalefactors"), Mapping)
+    }
+    if not libraries:
+        return None
+    fix = (
+        "pass scale=<µm per coordinate unit> (CLI: --scale), e.g. scale=1 if obsm['spatial'] already holds µm, or "
+        "read the Space Ranger folder with msfm.data.spatial.read_visium, which converts pixels to µm."
+    )
+    factors: dict[str, float] = {}
+    for lib, sf in libraries.items():
+        diameter = sf.get("spot_diameter_fullres")
+        try:
+            value = float(diameter)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not (np.isfinite(value) and value > 0):
+            msg = (
+                f"spatial_coords: adata.uns['spatial'][{lib!r}]['scalefactors'] (scanpy Visium layout, where "
+                f"obsm['spatial'] holds image pixels) has spot_diameter_fullres={diameter!r}, so pixels cannot be "
+                f"converted to µm. Expected a positive number of pixels. Fix: {fix}"
+            )
+            raise MsfmInputError(msg)
+        factors[lib] = VISIUM_SPOT_DIAMETER_UM / value
+    if len({round(f, 9) for f in factors.values()}) > 1:
+        shown = ", ".join(f"{k}: {v:.4g}" for k, v in factors.items())
+        msg = (
+            f"spatial_coords: adata.uns['spatial'] holds {len(factors)} Visium libraries with different pixel sizes "
+            f"(µm per pixel {shown}); one scale cannot convert obsm['spatial'] (pixels) to µm. Fix: process each "
+            f"library on its own, or convert obsm['spatial'] to µm yourself and {fix}"
+        )
+        raise MsfmInputError(msg)
+    lib, factor = next(iter(factors.items()))
+    warnings.warn(
+        f"spatial_coords: obsm['spatial'] looks like scanpy Visium pixel coordinates (uns['spatial'][{lib!r}] has "
+        f"Space Ranger scale factors and uns['msfm_spatial'] is absent); converting to µm with {factor:.6g} µm per "
+        f"pixel = {VISIUM_SPOT_DIAMETER_UM:g} µm / spot_diameter_fullres "
+        f"({VISIUM_SPOT_DIAMETER_UM / factor:.6g} px). The factor is recorded in uns['msfm_spatial']. Pass scale= "
+        "(CLI: --scale) to override it, e.g. scale=1 if the coordinates are already in µm.",
+        UserWarning,
+        stacklevel=4,
+    )
+    if not adata.is_view:
+        adata.uns["msfm_spatial"] = {
+            "unit": "pixel",
+            "um_per_unit": float(factor),
+            "um_per_pixel": float(factor),
+            "spot_diameter_um": VISIUM_SPOT_DIAMETER_UM,
+            "source": f"uns['spatial'][{lib!r}]['scalefactors']['spot_diameter_fullres'] (scanpy Visium layout)",
+            "library_id": lib,
+        }
+    return factor
+
+
+#: Plausible median distance between neighbouring cells or spots, in µm: below it coordinates are in a larger unit
+#: (mm: cells 0.01 apart), above it in a smaller one (nm: cells 10,000 apart). Stereo-seq bins lie 0.5 µm apart,
+#: sparse spot arrays a few hundred µm.
+PLAUSIBLE_SPACING_UM = (0.3, 5000.0)
+#: Largest plausible extent of one section, in µm (a slide is 25 x 75 mm).
+PLAUSIBLE_EXTENT_UM = 100_000.0
+_UNIT_NAMES = {1e-6: "picometres", 1e-3: "nanometres", 1.0: "µm", 1e3: "millimetres", 1e6: "metres"}
+
+
+def _check_um_scale(
+    xy: np.ndarray, section: np.ndarray, names: list[str], scale: float, source: str, key: str
+) -> None:
+    """Refuse coordinates whose neighbour spacing or extent cannot be micrometres (mm or nm taken as µm)."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(0)
+    spacings: list[np.ndarray] = []
+    extent, where = 0.0, names[0] if names else "all"
+    for code in np.unique(section):
+        pts = xy[section == code]
+        span = float(np.max(pts.max(axis=0) - pts.min(axis=0))) if len(pts) else 0.0
+        if span > extent:
+            extent, where = span, names[int(code)]
+        if len(pts) < 2:
+            continue
+        query = pts if len(pts) <= 20_000 else pts[rng.choice(len(pts), 20_000, replace=False)]
+        dist, _ = cKDTree(pts).query(query, k=min(len(pts), 8))
+        dist = np.where(dist > 0, dist, np.inf).min(axis=1)  # first neighbour at another position
+        spacings.append(dist[np.isfinite(dist)])
+    found = np.concatenate(spacings) if spacings else np.empty(0)
+    if found.size == 0 and extent <= PLAUSIBLE_EXTENT_UM:
+        return
+    spacing = float(np.median(found)) if found.size else float("nan")
+    low, high = PLAUSIBLE_SPACING_UM
+    if (found.size and low <= spacing <= high) and extent <= PLAUSIBLE_EXTENT_UM:
+        return
+    reference = spacing if found.size and not (low <= spacing <= high) else extent / 1000.0
+    factor = 1000.0 ** round(float(np.log10(20.0 / reference)) / 3.0)
+    unit = _UNIT_NAMES.get(factor, f"units of {factor:g} µm")
+    origin = f"obsm[{key!r}] x {scale:g} ({source})" if scale != 1.0 else f"obsm[{key!r}] ({source})"
+    msg = (
+        f"spatial_coords: the coordinates in {origin} put neighbouring cells a median {spacing:.3g} µm apart and "
+        f"span {extent:.4g} µm (section {where!r}). msfm expects micrometres: neighbouring cells or spots lie "
+        f"{low:g} to {high:g} µm apart (Visium spots 100 µm, cells about 10 µm) and a section spans at most "
+        f"{PLAUSIBLE_EXTENT_UM:g} µm. The coordinates look like {unit}. Fix: pass scale=<µm per unit> (CLI: --scale), "
+        f"here probably scale={factor:g}, or set adata.uns['msfm_spatial'] = {{'unit': ..., 'um_per_unit': {factor:g}}}."
+    )
+    raise MsfmInputError(msg)
 
 
 def _sections(adata: ad.AnnData, section_key: str | None) -> tuple[np.ndarray, list[str]]:
@@ -182,7 +314,10 @@ def spatial_coords(
         adata: Cells or spots with coordinates in ``adata.obsm[key]`` (not modified).
         key: ``obsm`` key of the ``[n, 2]`` ``(x, y)`` coordinates.
         scale: µm per unit of ``obsm[key]``. ``None`` reads ``adata.uns["msfm_spatial"]["um_per_unit"]`` when
-            present, else 1.0 (coordinates already in µm).
+            present; else, for scanpy-style Visium data (``key="spatial"`` in full-resolution pixels with
+            ``uns["spatial"][library]["scalefactors"]["spot_diameter_fullres"]``), ``65 / spot_diameter_fullres``
+            with a ``UserWarning`` stating the factor, which is then recorded in ``adata.uns["msfm_spatial"]``
+            (``adata`` is modified only there); else 1.0 (coordinates already in µm).
         section_key: ``obs`` column naming each cell's tissue section; ``None`` means one section. Coordinates
             of different sections are independent (they may overlap).
         duplicates: What to do when two cells of one section share the same position: ``"error"`` (default)
@@ -194,9 +329,15 @@ def spatial_coords(
     Returns:
         A :class:`SpatialCoords` with ``xy`` in µm (float64, a new array).
 
+    Units are checked: when the median distance between neighbouring cells is outside
+    :data:`PLAUSIBLE_SPACING_UM` (0.3 to 5,000 µm) or a section spans more than 100 mm, the coordinates cannot be
+    micrometres (millimetres or nanometres taken as µm) and an error gives the measured spacing and the likely
+    ``scale``.
+
     Raises:
         MsfmInputError: missing key, wrong shape or dtype, NaN/inf values, unknown ``section_key``, bad
-            ``scale`` or ``duplicates``, or duplicated positions with ``duplicates="error"``.
+            ``scale`` or ``duplicates``, coordinates that cannot be µm (implausible spacing or extent), Visium
+            scale factors without a usable spot diameter, or duplicated positions with ``duplicates="error"``.
 
     Shape:
         ``obsm[key]``: ``[n, 2]`` -> ``xy``: ``[n, 2]``, ``section``: ``[n]``.
@@ -230,7 +371,7 @@ def spatial_coords(
             f"adata.obsm[{key!r}] = adata.obsm[{key!r}].astype(float)."
         )
         raise MsfmInputError(msg)
-    unit_scale = _scale_from(adata, scale)
+    unit_scale, scale_source = _scale_from(adata, scale, key)
     xy = raw.astype(np.float64) * unit_scale  # astype copies: the user's array is never touched
     bad = ~np.isfinite(xy).all(axis=1)
     if bad.any():
@@ -241,6 +382,7 @@ def spatial_coords(
         )
         raise MsfmInputError(msg)
     section, names = _sections(adata, section_key)
+    _check_um_scale(xy, section, names, unit_scale, scale_source, key)
 
     n_jittered = 0
     if duplicates != "keep":
@@ -265,7 +407,13 @@ def spatial_coords(
                 "spatial_coords: jittered %d repeated positions by <= %g µm", n_jittered, JITTER_HALF_WIDTH_UM
             )
     return SpatialCoords(
-        xy=xy, section=section, section_names=names, scale=unit_scale, key=key, n_jittered=n_jittered
+        xy=xy,
+        section=section,
+        section_names=names,
+        scale=unit_scale,
+        key=key,
+        n_jittered=n_jittered,
+        scale_source=scale_source,
     )
 
 

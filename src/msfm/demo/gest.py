@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from msfm.demo._runs import run_dir
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["report_section", "run"]
@@ -86,7 +88,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
         seed=seed,
         trainer=_opts(steps, seed),
     )
-    model = gest.train(adata, root / "scc_run", config=cfg, held_out=held)
+    model = gest.train(adata, run_dir(root, "scc_run", quick=quick, seed=seed), config=cfg, held_out=held)
     timings["train_scc_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -192,7 +194,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
         seed=seed,
         trainer=_opts(steps, seed),
     )
-    model_t = gest.train(tissue, root / "tissue_run", config=cfg_t)
+    model_t = gest.train(tissue, run_dir(root, "tissue_run", quick=quick, seed=seed), config=cfg_t)
     tissue_niches = gest.evaluate_niches(
         tissue, model_t, labels_key="domain", max_cells=64, seed=seed, device="cpu"
     )

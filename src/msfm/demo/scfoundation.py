@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from msfm.demo._runs import run_dir
+
 logger = logging.getLogger(__name__)
 
 
@@ -89,7 +91,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
     t0 = time.perf_counter()
     ckpt = sf.train(
         adata,
-        out / "pretrain_run",
+        run_dir(out, "pretrain_run", quick=quick, seed=seed),
         preset="scfoundation-tiny",
         max_steps=steps,
         batch_size=8,
@@ -166,7 +168,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
         enhancement, title="Read-depth enhancement: cells at 20% depth", save=fig_dir / "enhancement.png"
     )
 
-    curve = _training_curve(out / "pretrain_run")
+    curve = _training_curve(run_dir(out, "pretrain_run", quick=quick, seed=seed))
     if curve is not None:
         training_curve(*curve, title="Pretraining loss (masked MSE)", save=fig_dir / "pretrain_loss.png")
 

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from msfm.demo._runs import run_dir
+
 logger = logging.getLogger(__name__)
 
 #: The coarse lineage of each of the 10 PBMC labels (used as the coarse cell-type category).
@@ -130,7 +132,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
     t0 = time.perf_counter()
     run = sm.train(
         train_cells,
-        out / "scmulan_run",
+        run_dir(out, "scmulan_run", quick=quick, seed=seed),
         config=cfg,
         max_steps=steps,
         batch_size=16,

@@ -24,11 +24,13 @@ def _pyplot():
 def _save(fig, save: str | os.PathLike[str] | None) -> None:
     if save is None:
         return
+    from msfm.runtime.atomic import atomic_path
+
     path = Path(save)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    os.replace(tmp, path)
+    # An unpredictable, exclusively created temporary (a planted link is never followed), renamed into place.
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
 
 
 def embedding_panels(

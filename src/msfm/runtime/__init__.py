@@ -11,13 +11,19 @@ from msfm._lazy import lazy_exports
 _LAZY = {
     # atomic writes
     "atomic_dir": "msfm.runtime.atomic",
+    "atomic_path": "msfm.runtime.atomic",
     "atomic_write": "msfm.runtime.atomic",
     "atomic_write_bytes": "msfm.runtime.atomic",
     "atomic_write_json": "msfm.runtime.atomic",
     "atomic_write_text": "msfm.runtime.atomic",
+    "check_free_space": "msfm.runtime.atomic",
     "check_output_free": "msfm.runtime.atomic",
+    "sweep_stale": "msfm.runtime.atomic",
     # files
+    "check_output": "msfm.runtime.h5ad",
+    "open_hdf5": "msfm.runtime.h5ad",
     "write_h5ad_atomic": "msfm.runtime.h5ad",
+    "write_output": "msfm.runtime.h5ad",
     "H5adResultWriter": "msfm.runtime.h5ad_stream",
     "write_safetensors_atomic": "msfm.runtime.safetensors",
     "load_torch_file": "msfm.runtime.safe_load",

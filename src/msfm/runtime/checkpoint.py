@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from msfm._version import CHECKPOINT_SCHEMA_VERSION, __version__
 from msfm.errors import CheckpointError, MsfmInputError
 from msfm.runtime.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from msfm.runtime.safetensors import write_safetensors_atomic
+from msfm.runtime.weights_check import TensorSpec, read_safetensors_header, read_safetensors_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ class LoadedCheckpoint:
         meta: Contents of ``meta.json``.
         gene_panel: Gene symbols in panel order, or None when the checkpoint has no panel.
         path: The checkpoint directory.
+        tensors: Name, shape and dtype of every tensor in ``model.safetensors`` (its header; always read).
+            Family loaders check these against the model the config describes before reading any weight
+            (:func:`msfm.runtime.weights_check.build_checked_model`).
     """
 
     family: str
@@ -76,6 +80,17 @@ class LoadedCheckpoint:
     meta: dict[str, Any]
     gene_panel: list[str] | None
     path: Path
+    tensors: Mapping[str, TensorSpec] = field(default_factory=dict)
+
+    @property
+    def weights_file(self) -> Path:
+        """The checkpoint's ``model.safetensors``."""
+        return self.path / WEIGHTS_FILE
+
+    @property
+    def config_file(self) -> Path:
+        """The checkpoint's ``config.json``."""
+        return self.path / CONFIG_FILE
 
 
 def gene_panel_sha256(symbols: Sequence[str]) -> str:
@@ -264,7 +279,11 @@ def _check_schema(meta: dict[str, Any], p: Path) -> None:
 
 
 def load_checkpoint(
-    path: PathLike, *, family: str | None = None, map_location: str | torch.device = "cpu"
+    path: PathLike,
+    *,
+    family: str | None = None,
+    map_location: str | torch.device = "cpu",
+    weights: bool = True,
 ) -> LoadedCheckpoint:
     """Load and validate an msfm checkpoint directory.
 
@@ -272,6 +291,9 @@ def load_checkpoint(
         path: The checkpoint directory.
         family: Expected family; a checkpoint of another family raises.
         map_location: Device to load the tensors onto.
+        weights: Read the tensors into ``state_dict``. False reads only the JSON files and the weights' header
+            (``tensors``), so a loader can check the config and the tensors' shapes and dtypes before anything
+            big is allocated.
 
     Returns:
         The loaded checkpoint.
@@ -280,9 +302,6 @@ def load_checkpoint(
         CheckpointError: If the directory is missing, a file is given instead of a directory, required files are
             missing, the schema is newer than this msfm, the family does not match, or the files are damaged.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     p = Path(path)
     _check_layout(p, family)
     meta = _read_json(p / META_FILE)
@@ -306,13 +325,12 @@ def load_checkpoint(
         raise CheckpointError(msg)
 
     gene_panel = _read_gene_panel(p, meta)
-    device = str(map_location) if isinstance(map_location, torch.device) else map_location
-    try:
-        state_dict = load_file(p / WEIGHTS_FILE, device=device)
-    except (SafetensorError, OSError) as err:
-        msg = f"Cannot read {p / WEIGHTS_FILE}: {err}. The weights file is damaged; re-export the checkpoint."
-        raise CheckpointError(msg) from err
-    logger.debug("loaded %s checkpoint %s (%d tensors)", ckpt_family, p, len(state_dict))
+    header = read_safetensors_header(p / WEIGHTS_FILE)
+    state_dict: dict[str, torch.Tensor] = {}
+    if weights:
+        device = str(map_location) if isinstance(map_location, torch.device) else map_location
+        state_dict = read_safetensors_tensors(p / WEIGHTS_FILE, device=device)
+    logger.debug("loaded %s checkpoint %s (%d tensors)", ckpt_family, p, len(header))
     return LoadedCheckpoint(
         family=ckpt_family,
         config=config_doc["config"],
@@ -320,6 +338,7 @@ def load_checkpoint(
         meta=meta,
         gene_panel=gene_panel,
         path=p,
+        tensors=header,
     )
 
 

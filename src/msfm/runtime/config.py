@@ -11,18 +11,48 @@ from __future__ import annotations
 
 import difflib
 import json
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from msfm.errors import MsfmInputError
+from msfm.errors import CheckpointError, MsfmInputError
 from msfm.runtime.atomic import PathLike
+from msfm.runtime.kwargs import did_you_mean
 
-__all__ = ["build_settings", "read_config_file", "settings_error", "validate_settings"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_DIM",
+    "MAX_HEADS",
+    "MAX_MLP_RATIO",
+    "MAX_VOCAB",
+    "build_settings",
+    "checkpoint_config",
+    "checkpoint_config_error",
+    "describe_field",
+    "read_config_file",
+    "settings_error",
+    "validate_settings",
+]
 
 Settings = TypeVar("Settings", bound=BaseModel)
+
+# Bounds of model config fields, shared by every family (``Field(le=MAX_DEPTH)``): far above every released model,
+# low enough that a damaged or hostile ``config.json`` fails validation instead of building until memory runs out.
+# The parameter count of the whole model is checked too (msfm.runtime.weights_check.MAX_PARAMETERS).
+#: Layers of one stack.
+MAX_DEPTH = 256
+#: Attention heads.
+MAX_HEADS = 256
+#: Widths (model, head, hidden, feature dimensions).
+MAX_DIM = 65_536
+#: Hidden-size multipliers of feed-forward blocks.
+MAX_MLP_RATIO = 64
+#: Vocabulary-like sizes: genes, tokens, meta-cells, classes.
+MAX_VOCAB = 4_194_304
 
 
 def read_config_file(path: PathLike, *, what: str = "settings") -> dict[str, Any]:
@@ -187,3 +217,199 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
         else:
             out[key] = value
     return out
+
+
+# --- config.json of a checkpoint -------------------------------------------------------------------------------
+
+_PROBLEMS = {
+    "int_parsing": "is not an integer",
+    "int_type": "is not an integer",
+    "int_from_float": "is not a whole number",
+    "float_parsing": "is not a number",
+    "float_type": "is not a number",
+    "finite_number": "is not a finite number",
+    "bool_parsing": "is not true or false",
+    "bool_type": "is not true or false",
+    "string_type": "is not a string",
+    "literal_error": "is not an allowed value",
+    "greater_than": "is out of range",
+    "greater_than_equal": "is out of range",
+    "less_than": "is out of range",
+    "less_than_equal": "is out of range",
+    "too_short": "has too few items",
+    "too_long": "has too many items",
+    "tuple_type": "is not a list",
+    "list_type": "is not a list",
+    "dict_type": "is not a mapping",
+    "model_type": "is not a mapping",
+    "none_required": "must be null",
+}
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """``X | None`` -> ``(X, True)``; anything else -> ``(annotation, False)``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        nullable = len(args) < len(typing.get_args(annotation))
+        if len(args) == 1:
+            return args[0], nullable
+        return annotation, nullable
+    return annotation, False
+
+
+def _type_words(annotation: Any) -> str:
+    ann, nullable = _unwrap(annotation)
+    origin = typing.get_origin(ann)
+    if origin is typing.Annotated:
+        ann = typing.get_args(ann)[0]
+        origin = typing.get_origin(ann)
+    if ann is bool:
+        text = "true or false"
+    elif ann is int:
+        text = "an integer"
+    elif ann is float:
+        text = "a number"
+    elif ann is str:
+        text = "a string"
+    elif origin is typing.Literal:
+        text = "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
+    elif origin in (tuple, list):
+        args = [a for a in typing.get_args(ann) if a is not Ellipsis]
+        inner = _type_words(args[0]) if args else "values"
+        n = len(typing.get_args(ann))
+        fixed = n if origin is tuple and Ellipsis not in typing.get_args(ann) else None
+        text = f"a list of {fixed} items, each {inner}" if fixed else f"a list, each item {inner}"
+    elif origin is dict:
+        text = "a mapping"
+    elif isinstance(ann, type) and issubclass(ann, BaseModel):
+        text = f"a mapping of {ann.__name__} fields"
+    else:
+        text = f"a value of type {getattr(ann, '__name__', ann)}"
+    return text + (" or null" if nullable else "")
+
+
+def _bounds(metadata: list[Any]) -> str:
+    lo = hi = None
+    for m in metadata:
+        if getattr(m, "ge", None) is not None:
+            lo = f"[{m.ge}"
+        elif getattr(m, "gt", None) is not None:
+            lo = f"({m.gt}"
+        if getattr(m, "le", None) is not None:
+            hi = f"{m.le}]"
+        elif getattr(m, "lt", None) is not None:
+            hi = f"{m.lt})"
+    if lo and hi:
+        return f" in {lo}, {hi}"
+    if lo:
+        return f" {'>=' if lo[0] == '[' else '>'} {lo[1:]}"
+    if hi:
+        return f" {'<=' if hi[-1] == ']' else '<'} {hi[:-1]}"
+    return ""
+
+
+def describe_field(cls: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """What the field at ``loc`` (a pydantic error location) accepts: ``"an integer in [0, 256]"``.
+
+    An item of a list field (``("depths", 0)``) is described as the item. Returns None when ``loc`` names no
+    declared field.
+    """
+    model: Any = cls
+    annotation: Any = None
+    metadata: list[Any] = []
+    for part in loc:
+        if isinstance(part, int):
+            ann, _ = _unwrap(annotation)
+            args = [a for a in typing.get_args(ann) if a is not Ellipsis]
+            if typing.get_origin(ann) not in (tuple, list) or not args:
+                return None
+            fixed = Ellipsis not in typing.get_args(ann) and typing.get_origin(ann) is tuple
+            annotation = args[part] if fixed and part < len(args) else args[0]
+            metadata = []
+            if typing.get_origin(annotation) is typing.Annotated:
+                metadata = [m for m in annotation.__metadata__ for m in getattr(m, "metadata", [m])]
+                annotation = typing.get_args(annotation)[0]
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        field = model.model_fields[part]
+        annotation, metadata = field.annotation, list(field.metadata)
+        model, _ = _unwrap(annotation)
+    if annotation is None:
+        return None
+    ann, nullable = _unwrap(annotation)
+    return _type_words(ann) + _bounds(metadata) + (" or null" if nullable else "")
+
+
+def _known_fields(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    model: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return []
+        model, _ = _unwrap(model.model_fields[part].annotation)
+    return sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def checkpoint_config_error(err: ValidationError, cls: type[BaseModel], path: PathLike) -> CheckpointError:
+    """One message for a ``config.json`` that does not validate: each bad field with its value, what it accepts,
+    and the fix.
+
+    ``<path> is damaged: field 'depth' = 'twelve' is not an integer; expected an integer in [0, 256]; fix the file
+    or re-export the checkpoint.`` Unknown fields are named with the closest known ones and the list of known fields.
+    """
+    problems = []
+    errors = err.errors()
+    for e in errors[:5]:
+        loc = tuple(e.get("loc", ()))
+        kind = e.get("type", "")
+        if kind == "extra_forbidden":
+            parent = loc[:-1]
+            known = _known_fields(cls, parent)
+            where = f" of {_field_name(parent)}" if parent else ""
+            problems.append(
+                f"unknown field {did_you_mean([_field_name(loc[-1:])], known)}{where}; known fields: {', '.join(known)}"
+            )
+            continue
+        if kind == "missing":
+            expected = describe_field(cls, loc)
+            problems.append(f"field {_field_name(loc)!r} is missing; expected {expected}")
+            continue
+        given = e.get("input")
+        problem = _PROBLEMS.get(kind)
+        if problem is None:  # a model validator's own message (already says what is wrong and how to fix it)
+            text = str(e.get("msg", "")).removeprefix("Value error, ")
+            problems.append(f"field {_field_name(loc)!r}: {text}" if loc else text)
+            continue
+        expected = describe_field(cls, loc)
+        shown = "" if isinstance(given, Mapping) else f" = {given!r}"
+        item = f"field {_field_name(loc)!r}{shown} {problem}"
+        problems.append(item + (f"; expected {expected}" if expected else f" ({e.get('msg')})"))
+    more = f" (+{len(errors) - 5} more problems)" if len(errors) > 5 else ""
+    msg = f"{path} is damaged: " + "; ".join(problems) + more + "; fix the file or re-export the checkpoint."
+    return CheckpointError(msg)
+
+
+def checkpoint_config(cls: type[Settings], data: Any, path: PathLike) -> Settings:
+    """``cls.model_validate(data)`` for the ``config`` of a checkpoint's ``config.json``.
+
+    Raises:
+        CheckpointError: naming each bad field, its value, what it accepts and the fix (see
+            :func:`checkpoint_config_error`).
+    """
+    if not isinstance(data, Mapping):
+        msg = f"{path}: 'config' holds a {type(data).__name__}; expected a mapping of {cls.__name__} fields. Re-export the checkpoint."
+        raise CheckpointError(msg)
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as err:
+        raise checkpoint_config_error(err, cls, path) from err

@@ -195,7 +195,6 @@ def test_stain_normalisation_changes_features(tmp_path: Path, slides: dict[str, 
     assert not np.allclose(fa.features, fb.features)
 
 
-@pytest.mark.slow  # two spawned processes each import torch (~15 s on 2 busy cores)
 def test_worker_processes_give_the_same_files(tmp_path: Path, slides: dict[str, Path]) -> None:
     inputs = [slides["g1"], slides["g2"]]
     preprocess_slides(inputs, tmp_path / "one", CFG, progress=False)

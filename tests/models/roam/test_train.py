@@ -339,7 +339,6 @@ def test_fold_monitor_best_and_early_stopping(tmp_path):
 # --- full runs ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_two_fold_run_learns_and_writes_everything(full_run, cohort):
     assert isinstance(full_run, TrainResult)
     assert full_run.checkpoint == full_run.run_dir  # the run (its fold ensemble) is the checkpoint
@@ -389,7 +388,6 @@ def test_two_fold_run_learns_and_writes_everything(full_run, cohort):
     assert (test.n_models == 2).all()
 
 
-@pytest.mark.slow
 def test_finished_run_is_reused_and_other_config_refused(full_run, cohort):
     table, fd = cohort
     run = full_run.run_dir
@@ -418,7 +416,6 @@ class _Kill(Callback):
             raise RuntimeError("simulated kill")
 
 
-@pytest.mark.slow
 def test_resume_after_a_kill_matches_the_uninterrupted_run(full_run, cohort, tmp_path):
     table, fd = cohort
     out = tmp_path / "cut"
@@ -441,7 +438,6 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(full_run, cohort, tmp
     np.testing.assert_allclose(a, b, atol=1e-6)  # every epoch's validation loss, not just the end point
 
 
-@pytest.mark.slow
 def test_class_absent_from_a_fold(tmp_path):
     table, fd = write_cohort(tmp_path, classes=("astro", "oligo", "epend"), n_per=(4, 4, 1), seed=1)
     res = train(table, fd, tmp_path / "run", cfg(max_epochs=2, test_frac=0.0, best_from_epoch=5))

@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
 from msfm.errors import CheckpointError
 from msfm.models.gest.config import GestConfig
 from msfm.models.gest.model import Gest, GestNicheClassifier
 from msfm.runtime.checkpoint import load_checkpoint, save_checkpoint
+from msfm.runtime.config import MAX_VOCAB, checkpoint_config
 from msfm.runtime.devices import resolve_device
 from msfm.runtime.loaded import Loaded
+from msfm.runtime.weights_check import build_checked_model
 from msfm.tokenizers.spatial import MetaCellVocab
 
 __all__ = [
@@ -168,7 +169,10 @@ def load(checkpoint: CheckpointLike, *, device: str | torch.device = "auto") -> 
         :class:`~msfm.models.gest.model.GestNicheClassifier` (classes in ``loaded.extra["classes"]``).
 
     Raises:
-        CheckpointError: not a GeST checkpoint, or weights/vocabulary that do not match the config.
+        CheckpointError: not a GeST checkpoint, a ``config.json`` field unknown, mistyped or out of range, a model
+            larger than ``msfm.runtime.weights_check.MAX_PARAMETERS``, tensors missing, unexpected or of another
+            shape or dtype than the config's model (checked on the file's header before any weight is read), or a
+            vocabulary that does not match the config.
     """
     dev = resolve_device(device)
     if isinstance(checkpoint, Loaded):
@@ -177,40 +181,42 @@ def load(checkpoint: CheckpointLike, *, device: str | torch.device = "auto") -> 
             raise CheckpointError(msg)
         return checkpoint.to(dev)
     path = Path(checkpoint)
-    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt = load_checkpoint(path, map_location="cpu", weights=False)
     if ckpt.family not in (FAMILY, NICHE_FAMILY):
         msg = (
             f"Checkpoint {path} is a {ckpt.family!r} checkpoint, but a GeST checkpoint was requested. "
             f"Use msfm.{ckpt.family} to load it, or pass a GeST checkpoint (msfm.gest.train writes RUN/model)."
         )
         raise CheckpointError(msg)
-    try:
-        config = GestConfig(**ckpt.config)
-    except ValidationError as err:
-        msg = f"{path}: config.json is not a valid GeST config ({err.errors()[0]['msg']})."
-        raise CheckpointError(msg) from err
-    vocab_state = {
-        k[len(VOCAB_PREFIX) :]: v for k, v in ckpt.state_dict.items() if k.startswith(VOCAB_PREFIX)
-    }
-    weights = {k: v for k, v in ckpt.state_dict.items() if not k.startswith(VOCAB_PREFIX)}
+    config = checkpoint_config(GestConfig, ckpt.config, ckpt.config_file)
     extra = ckpt.meta.get("extra", {})
-    if not vocab_state or "vocab" not in extra:
+    if not any(k.startswith(VOCAB_PREFIX) for k in ckpt.tensors) or "vocab" not in extra:
         msg = f"{path} has no meta-cell vocabulary (no '{VOCAB_PREFIX}*' tensors); it cannot tokenise cells."
         raise CheckpointError(msg)
-    vocab = MetaCellVocab.from_tensors(vocab_state, extra["vocab"])
-    model: Gest | GestNicheClassifier
+    n_classes = 0
     if ckpt.family == NICHE_FAMILY:
-        if not extra.get("classes"):
-            msg = f"{path} lacks the class list of a GeST niche classifier (meta.json extra.classes)."
+        classes = extra.get("classes")
+        if not classes or not isinstance(classes, list) or len(classes) > MAX_VOCAB:
+            msg = (
+                f"{path} lacks the class list of a GeST niche classifier (meta.json extra.classes: a list of "
+                f"1 to {MAX_VOCAB} names); re-export it with msfm.gest.fit_classifier."
+            )
             raise CheckpointError(msg)
-        model = GestNicheClassifier(Gest(config), len(extra["classes"]))
-    else:
-        model = Gest(config)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        msg = f"{path}: weights do not match the GeST config ({str(err).splitlines()[0]})."
-        raise CheckpointError(msg) from err
+        n_classes = len(classes)
+
+    def build() -> Gest | GestNicheClassifier:
+        return GestNicheClassifier(Gest(config), n_classes) if n_classes else Gest(config)
+
+    model, others = build_checked_model(
+        build,
+        ckpt.weights_file,
+        header=ckpt.tensors,
+        config_file=ckpt.config_file,
+        fields={**config.model_dump(), **({"classes": n_classes} if n_classes else {})},
+        skip_prefixes=(VOCAB_PREFIX,),
+    )
+    vocab_state = {k[len(VOCAB_PREFIX) :]: v for k, v in others.items()}
+    vocab = MetaCellVocab.from_tensors(vocab_state, extra["vocab"])
     if vocab.n_metacells != config.n_metacells or vocab.n_genes != config.n_genes:
         msg = (
             f"{path}: vocabulary has K={vocab.n_metacells}, T={vocab.n_genes}; the model expects "

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from msfm.data.options import SpatialReadOptions
 from msfm.engine.module import MsfmLightningModule, OptimConfig
 from msfm.engine.objective import LossOutput
-from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit
+from msfm.engine.sampler import ResumableDataLoader
+from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, check_resume, fit
 from msfm.errors import CheckpointError, MsfmInputError
 from msfm.models.gest.checkpoint import (
     NICHE_FAMILY,
@@ -169,7 +170,8 @@ def fit_classifier(
             modified.
         checkpoint: a pretrained GeST checkpoint (the backbone).
         labels_key: ``obs`` column with the niche labels.
-        out: run directory (``out/model`` is the classifier checkpoint).
+        out: run directory (``out/model`` is the classifier checkpoint); a killed run there resumes, with other
+            settings than it started with only when ``allow_config_change=True`` (recorded in ``config.json``).
         config: run settings: a :class:`NicheClassifierConfig`, a mapping of its fields, or a YAML/JSON file.
         cells: labelled cells to train and validate on (default: every cell with a label; all cells serve as
             neighbours).
@@ -181,9 +183,12 @@ def fit_classifier(
 
     Raises:
         MsfmInputError: unknown settings, missing label column, fewer than two classes.
+        ConfigChangedError: ``out`` holds a run started with other settings (named as ``old -> new``).
     """
     settings = _settings(config, labels_key, overrides)
     run = check_output(out, overwrite=True, data=data, create_parents=True)
+    # Before the data is read: a resumed run keeps the settings it was started with.
+    check_resume(run, trainer=settings.trainer, run_config=settings.model_dump(mode="json"))
     adata = read_data(data)
     if labels_key not in adata.obs:
         msg = f"labels_key={labels_key!r} is not an obs column; columns are {list(adata.obs.columns)[:20]}."
@@ -216,12 +221,14 @@ def fit_classifier(
         update={"lr_multipliers": {"backbone": settings.backbone_lr_multiplier}}
     )
     module = MsfmLightningModule(clf, _objective, optim)
-    loader = torch.utils.data.DataLoader(
+    # Resumable: a plain shuffled DataLoader restarts its epoch at the first batch after a resume, so a killed and
+    # resumed fit would see other batches than an uninterrupted one.
+    loader = ResumableDataLoader(
         train_ds,
         batch_size=settings.batch_size,
         shuffle=True,
+        seed=settings.seed,
         collate_fn=train_ds.collate,
-        generator=torch.Generator().manual_seed(settings.seed),
         drop_last=len(train_ds) > settings.batch_size,
     )
     val_loader = (
@@ -351,5 +358,5 @@ def predict(
             "niche_max_cells": max_cells,
         },
     )
-    write_output(adata, target, data)
+    write_output(adata, target, data, replace=overwrite)
     return adata

@@ -7,9 +7,11 @@ vocabulary size or the position-encoding scale; the defaults below are our choic
 from __future__ import annotations
 
 import itertools
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from msfm.runtime.config import MAX_DEPTH, MAX_DIM, MAX_HEADS, MAX_MLP_RATIO, MAX_VOCAB
 
 __all__ = ["GestConfig"]
 
@@ -21,25 +23,27 @@ class GestConfig(BaseModel):
     expression table), so a config always matches one :class:`msfm.tokenizers.spatial.MetaCellVocab`.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
-    n_genes: int = Field(2000, gt=0)
+    n_genes: int = Field(2000, gt=0, le=MAX_VOCAB)
     """T: genes of the model's expression space (meta-cell profiles and predictions live in it)."""
-    level_sizes: tuple[int, ...] = (2048, 15, 10, 5)
+    level_sizes: tuple[Annotated[int, Field(ge=1, le=MAX_VOCAB)], ...] = Field(
+        (2048, 15, 10, 5), max_length=16
+    )
     """Clusters per hierarchy level: level 0 is the meta-cell vocabulary (K), then the nested coarser levels."""
-    dim: int = Field(512, gt=0)
+    dim: int = Field(512, gt=0, le=MAX_DIM)
     """Model width d (not given in the paper; 512 with head dim 64 is our default)."""
-    depth: int = Field(8, ge=0)
+    depth: int = Field(8, ge=0, le=MAX_DEPTH)
     """Decoder blocks (the paper's default L8)."""
-    num_heads: int = Field(8, gt=0)
+    num_heads: int = Field(8, gt=0, le=MAX_HEADS)
     """Attention heads (the paper's default H8); must divide ``dim``."""
-    mlp_ratio: int = Field(4, gt=0)
+    mlp_ratio: int = Field(4, gt=0, le=MAX_MLP_RATIO)
     """Feed-forward hidden size is ``mlp_ratio * dim``."""
-    head_hidden: int | None = Field(None, gt=0)
+    head_hidden: int | None = Field(None, gt=0, le=MAX_DIM)
     """Hidden width of the output MLP that maps a hidden state to gene space (None: ``dim``)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on attention probabilities and residual branches."""
-    norm_eps: float = Field(1e-6, gt=0.0)
+    norm_eps: float = Field(1e-6, gt=0.0, lt=1.0)
     """RMSNorm epsilon."""
     position_encoding: Literal["sincos", "constant"] = "sincos"
     """``sincos``: 2-D sine/cosine of the window-normalised coordinates; ``constant``: an all-ones vector (the

@@ -583,5 +583,5 @@ def generate(
             "gene_mapping": cells.mapping_report,
         },
     )
-    write_output(result, target, data)
+    write_output(result, target, data, replace=overwrite)
     return result

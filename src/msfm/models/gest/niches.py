@@ -224,7 +224,7 @@ def embed(
             int((n_nb[centers] == 0).sum()),
             side / 2,
         )
-    write_output(adata, target, data)
+    write_output(adata, target, data, replace=overwrite)
     return adata
 
 

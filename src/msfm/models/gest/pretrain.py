@@ -41,6 +41,7 @@ from msfm.engine.trainer import (
     ExportCallback,
     TrainerOptions,
     build_trainer,
+    check_resume,
     fit,
     resume_step,
 )
@@ -65,6 +66,9 @@ __all__ = ["GestTrainConfig", "WindowStream", "final_metrics", "preprocessing_re
 
 PathLike = str | os.PathLike[str]
 VOCAB_FILE = "vocab.safetensors"
+#: Settings besides msfm.engine.trainer.RESUME_SAFE_SETTINGS that may change on resume: the window stream does not
+#: depend on the number of DataLoader workers.
+RESUME_SAFE = ("num_workers",)
 
 
 class GestTrainConfig(BaseModel):
@@ -238,7 +242,8 @@ def train(
     Args:
         data: cells or spots with ``obsm['spatial']`` (µm or ``scale``), counts or log-normalised values and an
             optional section column (AnnData, file or Visium folder). Never modified.
-        out: run directory; an existing run there is resumed exactly (same windows, same weights).
+        out: run directory; an existing run there is resumed exactly (same windows, same weights). Its settings
+            must be the ones it was started with unless ``allow_config_change=True`` (recorded in ``config.json``).
         config: run settings: a :class:`GestTrainConfig`, a mapping of its fields, or a YAML/JSON file.
         checkpoint: a GeST checkpoint to start from (fine-tuning: its vocabulary and genes are kept); the same as
             ``init_from``.
@@ -255,12 +260,21 @@ def train(
     Raises:
         MsfmInputError: unknown or invalid settings, bad data, too few cells for the vocabulary, windows too
             sparse for ``side_um``.
+        ConfigChangedError: ``out`` holds a run started with other settings (named as ``old -> new``).
     """
     settings = _settings(config, overrides)
     if checkpoint is not None:
         init_name = str(checkpoint.path) if isinstance(checkpoint, Loaded) else os.fspath(checkpoint)
         settings = settings.model_copy(update={"init_from": init_name})
     run = check_output(out, overwrite=True, data=data, create_parents=True)
+    # Before the data is read and the vocabulary fitted: a resumed run keeps the settings it was started with.
+    check_resume(
+        run,
+        trainer=settings.trainer,
+        optim=settings.optim,
+        run_config=settings.model_dump(mode="json"),
+        resume_safe=RESUME_SAFE,
+    )
     if run.exists() and not run.is_dir():
         msg = f"out={str(run)!r} is a file; the run directory must be a folder."
         raise MsfmInputError(msg)
@@ -404,6 +418,6 @@ def _fit(
     )
     if trainer.is_global_zero and rank_zero_only.rank == 0 and not vocab_path.is_file():
         vocab.save(vocab_path)
-    fit(trainer, module, loader, run, run_config=config.model_dump(mode="json"))
+    fit(trainer, module, loader, run, run_config=config.model_dump(mode="json"), resume_safe=RESUME_SAFE)
     metrics = {**final_metrics(trainer), "n_train_cells": int(mask.sum()), "n_cells": int(cells.n_obs)}
     return TrainResult(run_dir=run, checkpoint=run / "model", metrics=metrics)

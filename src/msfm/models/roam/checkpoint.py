@@ -10,11 +10,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from msfm.errors import CheckpointError
 from msfm.models.roam.config import RoamConfig
 from msfm.models.roam.model import Roam
 from msfm.runtime.atomic import check_output_free
 from msfm.runtime.checkpoint import load_checkpoint, save_checkpoint
+from msfm.runtime.config import checkpoint_config
+from msfm.runtime.weights_check import build_checked_model
 
 __all__ = ["FAMILY", "convert", "read_model", "save_model"]
 
@@ -58,20 +59,20 @@ def read_model(path: str | Path, *, map_location: str = "cpu") -> tuple[Roam, di
         ``(model in eval mode, meta)``; ``meta["extra"]`` holds what :func:`save_model` was given.
 
     Raises:
-        CheckpointError: If the directory is not a ROAM checkpoint or the weights do not match the config.
+        CheckpointError: If the directory is not a ROAM checkpoint, a ``config.json`` field is unknown, mistyped
+            or out of range, the model is larger than ``msfm.runtime.weights_check.MAX_PARAMETERS``, or tensors
+            are missing, unexpected or of another shape or dtype than the config's model.
     """
-    ckpt = load_checkpoint(path, family=FAMILY, map_location=map_location)
-    try:
-        config = RoamConfig(**ckpt.config)
-    except ValueError as err:
-        msg = f"{ckpt.path}: config.json is not a valid ROAM config: {err}"
-        raise CheckpointError(msg) from err
-    model = Roam(config)
-    try:
-        model.load_state_dict(ckpt.state_dict, strict=True)
-    except RuntimeError as err:
-        msg = f"{ckpt.path}: the weights do not match config.json: {err}"
-        raise CheckpointError(msg) from err
+    ckpt = load_checkpoint(path, family=FAMILY, map_location=map_location, weights=False)
+    config = checkpoint_config(RoamConfig, ckpt.config, ckpt.config_file)
+    model, _ = build_checked_model(
+        lambda: Roam(config),
+        ckpt.weights_file,
+        header=ckpt.tensors,
+        config_file=ckpt.config_file,
+        fields=config.model_dump(),
+        device=str(map_location),
+    )
     return model.eval(), dict(ckpt.meta)
 
 

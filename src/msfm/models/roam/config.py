@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from msfm.runtime.config import MAX_DEPTH, MAX_DIM, MAX_HEADS, MAX_MLP_RATIO, MAX_VOCAB
 
 __all__ = ["SCALES", "TOKENS_PER_ROI", "RoamConfig"]
 
 # Token layout of one ROI (the feature-file contract): 20x 8x8 grid, then 10x 4x4, then 5x 2x2, each row-major.
 SCALES: tuple[tuple[str, int, int], ...] = (("20x", 0, 8), ("10x", 64, 4), ("5x", 80, 2))
 TOKENS_PER_ROI = 84
+
+_Depth = Annotated[int, Field(ge=1, le=MAX_DEPTH)]
 
 
 class RoamConfig(BaseModel):
@@ -34,20 +40,20 @@ class RoamConfig(BaseModel):
         class_names: Optional names of the classes, in logit order.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    d_in: int = Field(1024, ge=1)
-    dim: int = Field(256, ge=2)
-    heads: int = Field(8, ge=1)
-    dim_head: int = Field(64, ge=1)
-    mlp_dim: int = Field(512, ge=1)
-    depths: tuple[int, int, int, int, int] = (2, 2, 2, 2, 2)
-    n_classes: int = Field(3, ge=2)
+    d_in: int = Field(1024, ge=1, le=MAX_DIM)
+    dim: int = Field(256, ge=2, le=MAX_DIM)
+    heads: int = Field(8, ge=1, le=MAX_HEADS)
+    dim_head: int = Field(64, ge=1, le=MAX_DIM)
+    mlp_dim: int = Field(512, ge=1, le=MAX_MLP_RATIO * MAX_DIM)
+    depths: tuple[_Depth, _Depth, _Depth, _Depth, _Depth] = (2, 2, 2, 2, 2)
+    n_classes: int = Field(3, ge=2, le=MAX_VOCAB)
     scale_weights: tuple[float, float, float] = (0.3333, 0.3333, 0.3333)
     dropout: float = Field(0.2, ge=0, lt=1)
     mil_dropout: float = Field(0.25, ge=0, lt=1)
     emb_dropout: float = Field(0.0, ge=0, lt=1)
-    topk: int = Field(4, ge=1)
+    topk: int = Field(4, ge=1, le=MAX_DIM)
     shared_rel_bias: bool = True
     class_names: tuple[str, ...] | None = None
 

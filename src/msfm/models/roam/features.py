@@ -29,12 +29,14 @@ import numpy as np
 
 from msfm.errors import MsfmInputError
 from msfm.runtime.atomic import atomic_path
+from msfm.runtime.h5ad import open_hdf5
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ATTR_DEFAULTS",
     "FEATURE_SCHEMA_VERSION",
+    "GEOMETRY_KEYS",
     "TOKENS_PER_ROI",
     "SlideFeatures",
     "feature_path",
@@ -71,6 +73,12 @@ ATTR_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: The ROI geometry a model depends on: ROI side and patch side in pixels at ``target_mpp`` (µm per pixel, the
+#: magnification: 0.5 = 20x). The three token levels per ROI (20x, 10x, 5x) follow from them. ``msfm roam
+#: preprocess`` records them in every file; a model trained on one geometry gives meaningless predictions on another.
+GEOMETRY_KEYS = ("roi_size", "patch_size", "target_mpp")
+
+
 @dataclass
 class SlideFeatures:
     """The ROI features of one slide.
@@ -81,6 +89,8 @@ class SlideFeatures:
         coords: Level-0 ``(x, y)`` top-left of every ROI.
         tissue_fraction: Tissue share of every ROI, if known.
         attrs: File attributes (see :data:`ATTR_DEFAULTS`).
+        recorded_attrs: The attributes the file itself holds (the others in ``attrs`` are defaults); empty for
+            features made in memory.
 
     Shape:
         - features: float32 ``[n_roi, 84, d]``
@@ -93,6 +103,15 @@ class SlideFeatures:
     coords: np.ndarray
     tissue_fraction: np.ndarray | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
+    recorded_attrs: frozenset[str] = field(default_factory=frozenset)
+
+    def geometry(self) -> dict[str, Any]:
+        """The ROI geometry (:data:`GEOMETRY_KEYS`) the file records; keys it does not record are left out."""
+        return {
+            k: self.attrs[k]
+            for k in GEOMETRY_KEYS
+            if k in self.recorded_attrs and self.attrs.get(k) is not None
+        }
 
     @property
     def n_roi(self) -> int:
@@ -214,7 +233,9 @@ def write_slide_features(path: str | os.PathLike[str], sf: SlideFeatures) -> Pat
         from msfm._version import __version__
 
         attrs["msfm_version"] = __version__
-    with atomic_path(target, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
+    # open_hdf5: a full disk is an OutputError and the temporary is removed, instead of an HDF5 crash.
+    with atomic_path(target, suffix=".h5") as tmp, open_hdf5(tmp) as out:
+        f = out.file
         # One chunk per ROI: readers that take a subset of ROIs touch only those chunks.
         chunks = (1, TOKENS_PER_ROI, feats.shape[2]) if feats.shape[0] > 0 else None
         f.create_dataset("features", data=feats, chunks=chunks)
@@ -333,6 +354,7 @@ def read_slide_features(
                 )
                 raise MsfmInputError(msg)
             file_dim = int(shape[2])
+            recorded = frozenset(f.attrs.keys())
             _check_encoder(p, attrs, file_dim, encoder=encoder, feature_dim=feature_dim)
             feats = np.asarray(dset[:, :TOKENS_PER_ROI, :], dtype=np.float32)
             coords = np.asarray(f["coords"][()])
@@ -363,6 +385,7 @@ def read_slide_features(
         coords=np.rint(coords).astype(np.int64) if coords.dtype.kind == "f" else coords.astype(np.int64),
         tissue_fraction=tissue,
         attrs=attrs,
+        recorded_attrs=recorded,
     )
 
 

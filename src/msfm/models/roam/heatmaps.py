@@ -31,7 +31,12 @@ from msfm.data.slide_ids import check_slide_ids
 from msfm.data.slides import SLIDE_EXTENSIONS, open_slide
 from msfm.errors import MsfmInputError
 from msfm.models.roam.ensemble import ensemble_for
-from msfm.models.roam.feature_store import FeatureStore, list_feature_slides, resolve_feature_files
+from msfm.models.roam.feature_store import (
+    FeatureStore,
+    list_feature_slides,
+    resolve_feature_files,
+    training_geometry,
+)
 from msfm.models.roam.interpret import (
     METHODS,
     roi_attention_maps,
@@ -238,7 +243,9 @@ def heatmap(
         else:
             msg = f"--class {class_name!r} is not a class of the model; its classes are {names}."
             raise MsfmInputError(msg)
-    store = FeatureStore(paths, encoder=ens.encoder, feature_dim=ens.feature_dim)
+    store = FeatureStore(
+        paths, encoder=ens.encoder, feature_dim=ens.feature_dim, geometry=training_geometry(ens.metas)
+    )
     out.mkdir(parents=True, exist_ok=True)
     official = not row_normalisation
     done: list[dict[str, Any]] = []

@@ -18,7 +18,12 @@ import torch
 
 from msfm.errors import MsfmInputError
 from msfm.models.roam.ensemble import ensemble_for
-from msfm.models.roam.feature_store import FeatureStore, list_feature_slides, resolve_feature_files
+from msfm.models.roam.feature_store import (
+    FeatureStore,
+    list_feature_slides,
+    resolve_feature_files,
+    training_geometry,
+)
 from msfm.models.roam.tables import SLIDE_ID, prob_column, slide_ids_from
 from msfm.runtime.atomic import atomic_write_text, check_output_free
 from msfm.runtime.devices import resolve_device
@@ -160,7 +165,9 @@ def predict(
 
     Raises:
         MsfmInputError: Missing feature files (unless ``skip_missing``), features from another encoder or of
-            another dimension, an unfinished run, an existing ``out``.
+            another dimension, features of another ROI geometry (ROI size, patch size or µm per pixel) than the
+            model's training features, an unfinished run, an existing ``out``. Files that do not record their
+            geometry are used with a ``UserWarning``.
     """
     out_path = check_file_out(out, overwrite=overwrite)
     dev = resolve_device(device)
@@ -168,7 +175,13 @@ def predict(
     paths, _ = resolve_feature_files(ids, data, skip_missing=skip_missing)
     ens = ensemble_for(checkpoint, device=dev)
     kept = [s for s in ids if s in paths]
-    store = FeatureStore(paths, encoder=ens.encoder, feature_dim=ens.feature_dim, cache_bytes=cache_bytes)
+    store = FeatureStore(
+        paths,
+        encoder=ens.encoder,
+        feature_dim=ens.feature_dim,
+        cache_bytes=cache_bytes,
+        geometry=training_geometry(ens.metas),
+    )
     probs = predict_probabilities(ens.models, store, kept, device=dev, roi_chunk=roi_chunk)
     table = probability_table(kept, probs.mean(axis=0), ens.class_names)
     if per_model:

@@ -35,7 +35,7 @@ from msfm.models.roam.features import TOKENS_PER_ROI, feature_path
 from msfm.models.roam.preprocess_config import PreprocessConfig, run_signature
 from msfm.models.roam.slide_inputs import collect_slides, parse_shard
 from msfm.models.roam.slide_pipeline import REPORT_COLUMNS, finished_attrs, process_slide
-from msfm.runtime.atomic import atomic_write_json, atomic_write_text
+from msfm.runtime.atomic import atomic_write_json, atomic_write_text, probe_writable
 from msfm.runtime.config import build_settings
 from msfm.runtime.devices import resolve_device
 from msfm.runtime.progress import progress_bar
@@ -168,6 +168,7 @@ def preprocess(
     encoder = config.build_encoder()
     normalizer = config.build_normalizer()
     signature = run_signature(config, encoder, normalizer)
+    probe_writable(out)  # a read-only or full folder: OutputError before any slide is encoded
     for sub in ("features", "qc", "reports"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     atomic_write_json(

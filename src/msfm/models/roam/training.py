@@ -68,7 +68,7 @@ from msfm.models.roam.slide_table import SlideTable, read_slide_table
 from msfm.models.roam.splits import make_splits, read_splits, split_files, write_splits
 from msfm.models.roam.tables import SLIDE_ID
 from msfm.models.roam.train_config import RoamTrainConfig
-from msfm.runtime.atomic import atomic_write_json, atomic_write_text
+from msfm.runtime.atomic import atomic_write_json, atomic_write_text, probe_writable
 from msfm.runtime.checkpoint import is_checkpoint_dir
 from msfm.runtime.config import build_settings, read_config_file
 from msfm.runtime.jsonable import to_jsonable
@@ -160,6 +160,7 @@ def _prepare_run_dir(out: Path, record: dict[str, Any], *, overwrite: bool) -> b
             "msfm does not delete folders it did not create."
         )
         raise MsfmInputError(msg)
+    probe_writable(out)  # a read-only or full folder: OutputError before any training
     out.mkdir(parents=True, exist_ok=True)
     if _is_rank_zero():
         atomic_write_json(run_file, record)
@@ -405,6 +406,7 @@ def _train_fold(
             fold_dir,
             val_dataloaders=val_loader,
             run_config={"fold": k, "roam": config.model_dump(mode="json"), "n_train": len(parts["train"])},
+            resume_guard=False,  # run.json was compared by _prepare_run_dir (runtime fields may change)
         )
     device = trainer.strategy.root_device
     if not trainer.is_global_zero or not _is_rank_zero():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -109,6 +110,7 @@ def fit_classifier(
     seed: int = 0,
     progress: bool = True,
     overwrite: bool = False,
+    allow_config_change: bool = False,
     **read_options: Any,
 ) -> TrainResult:
     """Fine-tune a cell-type classifier on a pretrained backbone and save it to ``out``.
@@ -128,6 +130,8 @@ def fit_classifier(
         accelerator, devices, strategy, precision: Lightning hardware settings.
         progress: show a progress bar.
         overwrite: replace an existing ``out``.
+        allow_config_change: resume a killed run although the settings differ from the ones it started with
+            (recorded in its ``config.json``); without it that raises :class:`~msfm.errors.ConfigChangedError`.
         **read_options: :class:`msfm.data.CellReadOptions`.
 
     Returns:
@@ -169,9 +173,21 @@ def fit_classifier(
         max_epochs=max_epochs,
         seed=seed,
         progress_bar=progress,
+        allow_config_change=allow_config_change,
     )
     trainer = build_trainer(trainer_options, run_dir)
-    fit(trainer, module, loader, run_dir)
+    run_config = {
+        "labels_key": labels_key,
+        "classes": classes,
+        "n_cells": len(labels),
+        "mode": mode,
+        "pool": pool,
+        "batch_size": batch_size,
+        "target_depth": target_depth,
+        "read": options.model_dump(mode="json"),
+        "backbone": str(Path(loaded.path).resolve()) if loaded.path is not None else None,
+    }
+    fit(trainer, module, loader, run_dir, run_config=run_config)
     classifier.eval()
     spec = ClassifierCheckpointConfig(
         backbone=loaded.config,
@@ -271,7 +287,7 @@ def predict(
         {"key_added": key_added, "labels_key": spec.labels_key, "target_depth": spec.target_depth},
     )
     store_uns(adata, key_added, "predict", {**record, "classes": list(spec.classes)})
-    write_output(adata, out, data)
+    write_output(adata, out, data, replace=overwrite)
     return adata
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from msfm.nn.performer import default_nb_features
+from msfm.runtime.config import MAX_DEPTH, MAX_DIM, MAX_HEADS, MAX_MLP_RATIO, MAX_VOCAB
 
 __all__ = ["ScFoundationConfig"]
 
@@ -22,42 +23,42 @@ class ScFoundationConfig(BaseModel):
     and ``pad_id`` (padding), so the gene embedding has ``num_genes + 3`` rows.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
-    num_genes: int = Field(19264, gt=0)
+    num_genes: int = Field(19264, gt=0, le=MAX_VOCAB)
     """Size of the gene panel; the decoder sees ``num_genes + 2`` positions (genes, T, S)."""
 
-    encoder_dim: int = Field(768, gt=0)
+    encoder_dim: int = Field(768, gt=0, le=MAX_DIM)
     """Width of the encoder (and of the value/gene embeddings)."""
-    encoder_depth: int = Field(12, ge=0)
+    encoder_depth: int = Field(12, ge=0, le=MAX_DEPTH)
     """Number of post-LN transformer layers over the non-zero genes."""
-    encoder_num_heads: int = Field(12, gt=0)
+    encoder_num_heads: int = Field(12, gt=0, le=MAX_HEADS)
     """Attention heads of the encoder."""
-    encoder_head_dim: int = Field(64, gt=0)
+    encoder_head_dim: int = Field(64, gt=0, le=MAX_DIM)
     """Head dimension of the encoder; ``encoder_num_heads * encoder_head_dim`` must equal ``encoder_dim``."""
-    encoder_mlp_ratio: int = Field(4, gt=0)
+    encoder_mlp_ratio: int = Field(4, gt=0, le=MAX_MLP_RATIO)
     """Encoder FFN hidden size is ``encoder_mlp_ratio * encoder_dim`` (ReLU)."""
     encoder_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Dropout of the encoder layers (0.1 upstream, the torch default; inactive in eval mode)."""
 
-    decoder_dim: int = Field(512, gt=0)
+    decoder_dim: int = Field(512, gt=0, le=MAX_DIM)
     """Width of the Performer decoder."""
-    decoder_depth: int = Field(6, ge=0)
+    decoder_depth: int = Field(6, ge=0, le=MAX_DEPTH)
     """Number of pre-LN Performer layers over all ``num_genes + 2`` positions."""
-    decoder_num_heads: int = Field(8, gt=0)
+    decoder_num_heads: int = Field(8, gt=0, le=MAX_HEADS)
     """Attention heads of the decoder."""
-    decoder_head_dim: int = Field(64, gt=0)
+    decoder_head_dim: int = Field(64, gt=0, le=MAX_DIM)
     """Head dimension of the decoder."""
-    decoder_mlp_ratio: int = Field(4, gt=0)
+    decoder_mlp_ratio: int = Field(4, gt=0, le=MAX_MLP_RATIO)
     """Decoder FFN hidden size is ``decoder_mlp_ratio * decoder_dim`` (GELU)."""
     decoder_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout of the decoder layers (0 upstream)."""
-    decoder_nb_features: int | None = Field(None, gt=0)
+    decoder_nb_features: int | None = Field(None, gt=0, le=MAX_DIM)
     """FAVOR+ random features per head; ``None`` = ``int(head_dim * ln(head_dim))`` (266 for 64)."""
     decoder_key_max: Literal["sample", "global"] = "sample"
     """Scope of the FAVOR+ key stabiliser: per cell (batch-independent) or whole batch (upstream)."""
 
-    num_bins: int = Field(100, gt=0)
+    num_bins: int = Field(100, gt=0, le=MAX_DIM)
     """Number of learned bins of the value auto-discretisation."""
     bin_alpha: float = 1.0
     """Weight of the residual path in the value auto-discretisation."""

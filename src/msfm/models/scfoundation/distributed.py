@@ -80,6 +80,7 @@ def embed_distributed(
     out: Path,
     checkpoint: CheckpointLike,
     *,
+    overwrite: bool = True,
     options: CellReadOptions,
     key_added: str,
     params: dict[str, Any],
@@ -131,7 +132,7 @@ def embed_distributed(
         other.uns[key_added] = {"embed": {"out": str(out), "params": record_params}}
         return other
     emb, zero = np.asarray(merged[:, :-1], dtype=np.float32), np.asarray(merged[:, -1]) > 0.5
-    with H5adResultWriter(data, out) as writer:
+    with H5adResultWriter(data, out, overwrite=overwrite) as writer:
         ds = writer.create_obsm(obsm_key(key_added), emb.shape[1])
         writer.write_rows(ds, np.arange(len(emb)), emb)
         col = writer.create_obs_column(field_key(key_added, "zero_count"), bool)

@@ -107,6 +107,9 @@ def embed(
     Raises:
         MsfmInputError: bad input (negative or normalised counts without ``pre_normalized``, too few panel
             genes), a bad option, or ``out`` exists without ``overwrite``.
+        OutputError: ``out`` cannot be written (read-only folder, full disk; checked before compute where
+            possible), or it appeared while this run computed and ``overwrite`` is False (with ``overwrite`` the
+            last writer wins).
         CheckpointError: ``checkpoint`` is not an msfm scFoundation checkpoint (convert official files first).
     """
     check_key_added(key_added)
@@ -149,6 +152,7 @@ def embed(
             path,
             Path(out),
             checkpoint,
+            overwrite=overwrite,
             options=options,
             key_added=key_added,
             params=params,
@@ -162,7 +166,7 @@ def embed(
     loaded = backbone_of(load(checkpoint, device=device))
     path = h5ad_file(data)
     if out is not None and path is not None:
-        return _embed_streamed(path, Path(out), loaded, options, key_added, params, run)
+        return _embed_streamed(path, Path(out), loaded, options, key_added, params, run, overwrite=overwrite)
     adata = as_anndata(data, copy=copy)
     source, mapping = prepare_cells(adata, loaded.vocab, options)
     emb, zero = embed_source(loaded, source, mapping, pre_normalized=options.pre_normalized, **run)
@@ -170,7 +174,7 @@ def embed(
     adata.obs[field_key(key_added, "zero_count")] = zero
     _warn_zero(zero, key_added)
     store_uns(adata, key_added, "embed", uns_record(loaded, mapping, source.kind, params))
-    write_output(adata, out, data)
+    write_output(adata, out, data, replace=overwrite)
     return adata
 
 
@@ -191,16 +195,23 @@ def _embed_streamed(
     key_added: str,
     params: dict[str, Any],
     run: dict[str, Any],
+    *,
+    overwrite: bool,
 ) -> AnnData:
-    """Embed a backed .h5ad and write ``out`` (a copy of the input plus the results) batch by batch."""
+    """Embed a backed .h5ad and write ``out`` (a copy of the input plus the results) batch by batch.
+
+    Both result datasets are created before any compute, so a disk that clearly cannot hold them is refused
+    first; a write that fails later (the disk filled up meanwhile) is an ``OutputError`` and leaves no file.
+    """
     from msfm.runtime.h5ad_stream import H5adResultWriter
 
     adata = read(data, backed=True)
     try:
         source, mapping = prepare_cells(adata, loaded.vocab, options)
         dim = loaded.config.encoder_dim * (4 if run["pool"] == "all" else 1)
-        with H5adResultWriter(data, out) as writer:
+        with H5adResultWriter(data, out, overwrite=overwrite) as writer:
             ds = writer.create_obsm(obsm_key(key_added), dim)
+            col = writer.create_obs_column(field_key(key_added, "zero_count"), bool)
             _, zero = embed_source(
                 loaded,
                 source,
@@ -209,7 +220,6 @@ def _embed_streamed(
                 out=lambda rows, values: writer.write_rows(ds, rows, values),
                 **run,
             )
-            col = writer.create_obs_column(field_key(key_added, "zero_count"), bool)
             writer.write_rows(col, np.arange(len(zero)), zero)
             record = uns_record(loaded, mapping, source.kind, {**params, "streamed": True})
             writer.write_uns(key_added, "embed", record)

@@ -102,5 +102,5 @@ def enhance(
         "layer": options.layer,
     }
     store_uns(adata, key_added, "enhance", uns_record(loaded, mapping, source.kind, params))
-    write_output(adata, out, data)
+    write_output(adata, out, data, replace=overwrite)
     return adata

@@ -29,6 +29,7 @@ from msfm.engine.objective import LossOutput
 from msfm.errors import MsfmInputError
 from msfm.models.scfoundation.config import ScFoundationConfig
 from msfm.models.scfoundation.model import ScFoundation
+from msfm.runtime.config import MAX_DEPTH, MAX_DIM, MAX_VOCAB
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +54,16 @@ class CellClassifierConfig(BaseModel):
     every encoder layer, the final encoder LayerNorm). The decoder never trains.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    num_classes: int = Field(..., ge=2, description="Number of cell types k.")
+    num_classes: int = Field(..., ge=2, le=MAX_VOCAB, description="Number of cell types k.")
     mode: Literal["linear", "partial", "full"] = Field(
         "partial", description="[code] upstream recipe = partial (second-to-last layer unfrozen)."
     )
     unfreeze_layers: int = Field(
         1,
         ge=0,
+        le=MAX_DEPTH,
         description=(
             "partial mode: how many encoder layers train, the ones ending at the second-to-last layer "
             "(upstream: 1 -> layer -2; the last layer itself when the encoder has a single layer)."
@@ -75,7 +77,9 @@ class CellClassifierConfig(BaseModel):
         False,
         description="[code] partial mode: also train the value and gene embeddings (upstream frozenmore=False).",
     )
-    hidden: int = Field(256, ge=1, description="[code] width of the head's hidden layer (256 upstream).")
+    hidden: int = Field(
+        256, ge=1, le=MAX_DIM, description="[code] width of the head's hidden layer (256 upstream)."
+    )
     dropout: float = Field(
         0.0,
         ge=0.0,
@@ -134,6 +138,16 @@ class ClassifierCheckpointConfig(BaseModel):
     classes: tuple[str, ...] = Field(..., min_length=2)
     target_depth: str = "t4"
     labels_key: str = "cell_type"
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> ClassifierCheckpointConfig:
+        if len(self.classes) != self.classifier.num_classes:
+            msg = (
+                f"classes lists {len(self.classes)} names but classifier.num_classes is "
+                f"{self.classifier.num_classes}; give one class name per output, in logit order."
+            )
+            raise ValueError(msg)
+        return self
 
 
 @dataclass(frozen=True)

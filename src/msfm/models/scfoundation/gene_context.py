@@ -20,7 +20,8 @@ from msfm.models.scfoundation._io import parse_read_options
 from msfm.models.scfoundation.decoding import decode_batches
 from msfm.models.scfoundation.inference import Precision
 from msfm.models.scfoundation.loading import CheckpointLike, backbone_of, load
-from msfm.runtime.atomic import atomic_path, check_output_free
+from msfm.runtime.atomic import atomic_path, check_free_space, check_output_free
+from msfm.runtime.h5ad import open_hdf5
 from msfm.runtime.results import Result
 from msfm.tokenizers.gene_panel import TargetDepth
 
@@ -95,6 +96,9 @@ def embed_genes(
     Raises:
         MsfmInputError: genes not in the panel, unknown or repeated cells, a result too large for memory without
             ``out``, or ``out`` exists without ``overwrite``.
+        OutputError: ``out`` cannot be written: a read-only folder or a disk with clearly too little space
+            (both checked before compute), a disk that fills up while streaming (no file is left), or ``out``
+            appeared while this run computed and ``overwrite`` is False (with it, the last writer wins).
     """
     TargetDepth.parse(target_depth)
     options = parse_read_options(embed_genes, read_options)
@@ -115,6 +119,8 @@ def embed_genes(
     if len(np.unique(rows)) != len(rows):
         msg = "cells= selects some cells more than once; pass each cell once."
         raise MsfmInputError(msg)
+    if out is not None:
+        check_free_space(out, len(rows) * len(gene_idx) * dim * 4, what="the gene embeddings")
     source, mapping = prepare_cells(adata, loaded.vocab, options)
     # Batches come back in source order; remember where each source row goes in the caller's order.
     caller_pos = {int(r): i for i, r in enumerate(rows)}
@@ -142,7 +148,9 @@ def embed_genes(
     import h5py
 
     path = Path(out)
-    with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as h5:
+    # open_hdf5: a full disk mid-stream is an OutputError (and no file), never an HDF5 crash.
+    with atomic_path(path, suffix=".h5", replace=overwrite) as tmp, open_hdf5(tmp) as output:
+        h5 = output.file
         ds = h5.create_dataset("embeddings", shape=shape, dtype="f4", chunks=(1, *shape[1:]))
         h5.create_dataset("genes", data=np.array(gene_names, dtype=object), dtype=h5py.string_dtype())
         h5.create_dataset("cells", data=np.array(cell_names, dtype=object), dtype=h5py.string_dtype())
@@ -151,6 +159,7 @@ def embed_genes(
         for src_rows, z in decoded:
             for r, zi in zip(src_rows, z):
                 ds[caller_pos[int(r)]] = zi[gene_idx]
+            output.check()
     return GeneEmbeddings(None, tuple(gene_names), cell_names, path=path, params=params)
 
 

@@ -10,17 +10,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from msfm.data import GenePanel
 from msfm.errors import CheckpointError, MsfmInputError
 from msfm.models.scfoundation.config import ScFoundationConfig
 from msfm.models.scfoundation.finetune import ClassifierCheckpointConfig, ScFoundationCellClassifier
 from msfm.models.scfoundation.model import ScFoundation
 from msfm.runtime.checkpoint import LoadedCheckpoint, load_checkpoint
-from msfm.runtime.config import settings_error
+from msfm.runtime.config import checkpoint_config
 from msfm.runtime.devices import resolve_device
 from msfm.runtime.loaded import Loaded
+from msfm.runtime.weights_check import build_checked_model
 from msfm.tokenizers.gene_panel import ScFoundationTokenizer
 
 __all__ = ["CLASSIFIER_FAMILY", "FAMILY", "backbone_of", "is_classifier", "load", "tokenizer_for"]
@@ -46,7 +45,9 @@ def load(checkpoint: CheckpointLike, *, device: str = "auto") -> Loaded:
 
     Raises:
         CheckpointError: not an msfm scFoundation checkpoint (an official ``models.ckpt`` must be converted
-            first), or weights that do not fit the config.
+            first), a ``config.json`` field that is unknown, mistyped or out of range, a model larger than
+            ``msfm.runtime.weights_check.MAX_PARAMETERS``, or tensors missing, unexpected or of another shape or
+            dtype than the config's model (checked on the file's header before any weight is read).
     """
     dev = resolve_device(device)
     if isinstance(checkpoint, Loaded):
@@ -61,17 +62,7 @@ def load(checkpoint: CheckpointLike, *, device: str = "auto") -> Loaded:
         msg = f"checkpoint must be a checkpoint directory, a TrainResult or a Loaded; got {type(checkpoint).__name__}."
         raise MsfmInputError(msg)
     ckpt = _read(Path(checkpoint))
-    try:
-        if ckpt.family == CLASSIFIER_FAMILY:
-            config = ClassifierCheckpointConfig.model_validate(ckpt.config)
-            model = ScFoundationCellClassifier(ScFoundation(config.backbone), config.classifier)
-        else:
-            config = ScFoundationConfig.model_validate(ckpt.config)
-            model = ScFoundation(config)
-    except ValidationError as err:
-        msg = f"{ckpt.path / 'config.json'} is damaged: {settings_error(err, ckpt.family)} Re-export the checkpoint."
-        raise CheckpointError(msg) from err
-    _load_weights(model, ckpt)
+    model, config = _build(ckpt)
     model.to(dev).eval()
     return Loaded(
         family=FAMILY,
@@ -87,7 +78,7 @@ def load(checkpoint: CheckpointLike, *, device: str = "auto") -> Loaded:
 def _read(path: Path) -> LoadedCheckpoint:
     """The checkpoint at ``path``: an scFoundation model or classifier (a folder's family is read, then checked)."""
     # Anything but a checkpoint folder is refused by load_checkpoint, with the hint for this family.
-    ckpt = load_checkpoint(path, family=None if (path / "config.json").is_file() else FAMILY)
+    ckpt = load_checkpoint(path, family=None if (path / "config.json").is_file() else FAMILY, weights=False)
     if ckpt.family not in (FAMILY, CLASSIFIER_FAMILY):
         msg = (
             f"Checkpoint {path} is a {ckpt.family!r} checkpoint; scFoundation verbs need a {FAMILY!r} model "
@@ -98,16 +89,31 @@ def _read(path: Path) -> LoadedCheckpoint:
     return ckpt
 
 
-def _load_weights(model: ScFoundation | ScFoundationCellClassifier, ckpt: LoadedCheckpoint) -> None:
-    try:
-        model.load_state_dict(ckpt.state_dict, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0][:300]
-        msg = (
-            f"The weights in {ckpt.path} do not fit its config.json ({first}). The checkpoint is damaged or was "
-            "edited; re-export it."
-        )
-        raise CheckpointError(msg) from err
+def _build(
+    ckpt: LoadedCheckpoint,
+) -> tuple[ScFoundation | ScFoundationCellClassifier, ScFoundationConfig | ClassifierCheckpointConfig]:
+    """The model of ``ckpt`` with its weights, after its config, its size and its tensors are checked."""
+    config: ScFoundationConfig | ClassifierCheckpointConfig
+    if ckpt.family == CLASSIFIER_FAMILY:
+        config = checkpoint_config(ClassifierCheckpointConfig, ckpt.config, ckpt.config_file)
+        clf = config
+
+        def build() -> ScFoundation | ScFoundationCellClassifier:
+            return ScFoundationCellClassifier(ScFoundation(clf.backbone), clf.classifier)
+
+        fields = {**clf.backbone.model_dump(), "num_classes": clf.classifier.num_classes}
+    else:
+        config = checkpoint_config(ScFoundationConfig, ckpt.config, ckpt.config_file)
+        backbone = config
+
+        def build() -> ScFoundation | ScFoundationCellClassifier:
+            return ScFoundation(backbone)
+
+        fields = backbone.model_dump()
+    model, _ = build_checked_model(
+        build, ckpt.weights_file, header=ckpt.tensors, config_file=ckpt.config_file, fields=fields
+    )
+    return model, config  # type: ignore[return-value]
 
 
 def _panel(ckpt: LoadedCheckpoint) -> GenePanel:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from msfm.data import CellReadOptions, GenePanel
 from msfm.data.stream import PanelRowStream
 from msfm.engine.module import MsfmLightningModule, OptimConfig
-from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit, resume_step
+from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, check_resume, fit, resume_step
 from msfm.errors import MsfmInputError
 from msfm.models.scfoundation.config import ScFoundationConfig
 from msfm.models.scfoundation.loading import CheckpointLike, backbone_of, load
@@ -30,7 +30,7 @@ from msfm.models.scfoundation.model import ScFoundation
 from msfm.models.scfoundation.objective import ObjectiveConfig, PretrainCollator, pretrain_loss
 from msfm.models.scfoundation.provenance import preprocessing_record
 from msfm.registry import preset_config
-from msfm.runtime.atomic import PathLike
+from msfm.runtime.atomic import PathLike, probe_writable
 from msfm.runtime.config import build_settings
 from msfm.runtime.loaded import Loaded
 from msfm.runtime.results import TrainResult
@@ -106,7 +106,9 @@ def train(
     Args:
         data: one or more ``.h5ad`` files (streamed from disk in backed mode) or in-memory AnnData objects, raw
             counts.
-        out: the run directory. If it already holds a run, training resumes from its last checkpoint.
+        out: the run directory. If it already holds a run, training resumes from its last checkpoint; with other
+            settings than the run started with only when ``allow_config_change=True`` (recorded in its
+            ``config.json``). ``num_workers`` is part of the data order here (rows are split between workers).
         config: run settings: a :class:`ScFoundationTrainConfig`, a mapping of its fields, or a YAML/JSON file.
         checkpoint: start from the weights of this msfm scFoundation checkpoint (continued pretraining; its
             sizes and gene panel are kept) instead of a new model from a preset.
@@ -120,8 +122,13 @@ def train(
     Raises:
         MsfmInputError: no data, an unknown or invalid setting, or settings that disagree with ``checkpoint``.
         CheckpointError: ``checkpoint`` is not an msfm scFoundation checkpoint.
+        ConfigChangedError: ``out`` holds a run started with other settings (named as ``old -> new``).
     """
     settings = _settings(config, overrides)
+    # Before anything is read or written: a resumed run keeps the settings it was started with.
+    check_resume(
+        out, trainer=settings.trainer, optim=settings.optim, run_config=settings.model_dump(mode="json")
+    )
     sources = _as_sources(data)
     if settings.read.pre_normalized:
         msg = (
@@ -133,6 +140,7 @@ def train(
     panel = _panel(settings, sources, init)
     model_cfg = _model_config(settings, panel, init)
     run = Path(out)
+    probe_writable(run)  # a read-only or full folder: OutputError before any training
     run.mkdir(parents=True, exist_ok=True)
     seed = settings.trainer.seed
     stream = PanelRowStream(

@@ -170,7 +170,7 @@ def predict(
             smooth_labels(adata, key_added=key, n_neighbors=n_neighbors, threshold=smoothing_threshold)
     else:
         _organs(adata, loaded, key, opts, read, float(threshold), meta, batch_size, max_tokens, progress)
-    write_output(adata, target_path, data)
+    write_output(adata, target_path, data, replace=overwrite)
     return adata
 
 
@@ -453,5 +453,5 @@ def embed(
         "n_empty_cells": int(empty.sum()),
     }
     store_uns(adata, key, "embed", record(loaded, params, mapping, kind))
-    write_output(adata, target_path, data)
+    write_output(adata, target_path, data, replace=overwrite)
     return adata

@@ -101,7 +101,7 @@ def generate(
         "vocabulary_genes": len(loaded.vocab.genes),
     }
     store_uns(adata, FAMILY, "generate", record(loaded, params))
-    write_output(adata, target)
+    write_output(adata, target, replace=overwrite)
     return adata
 
 

@@ -20,9 +20,11 @@ from msfm.errors import CheckpointError, MsfmInputError
 from msfm.models.scmulan.config import ScMulanConfig
 from msfm.models.scmulan.model import ScMulan
 from msfm.runtime.checkpoint import load_checkpoint, save_checkpoint
+from msfm.runtime.config import checkpoint_config
 from msfm.runtime.devices import resolve_device
 from msfm.runtime.loaded import Loaded
 from msfm.runtime.results import TrainResult
+from msfm.runtime.weights_check import build_checked_model
 from msfm.tokenizers.cell_sentence import CellSentenceTokenizer, CellSentenceVocab
 
 __all__ = ["FAMILY", "Checkpoint", "load", "preprocessing_record", "save_model", "tokenizer_for"]
@@ -88,7 +90,10 @@ def load(checkpoint: Checkpoint, *, device: str | torch.device = "auto") -> Load
 
     Raises:
         MsfmInputError: the path does not exist, or ``checkpoint`` is a Loaded of another family.
-        CheckpointError: the directory is not a valid scMulan checkpoint.
+        CheckpointError: the directory is not a valid scMulan checkpoint: a ``config.json`` field unknown,
+            mistyped or out of range, a model larger than ``msfm.runtime.weights_check.MAX_PARAMETERS``, or
+            tensors missing, unexpected or of another shape or dtype than the config's model (checked on the
+            file's header before any weight is read).
     """
     if isinstance(checkpoint, Loaded):
         if checkpoint.family != FAMILY:
@@ -113,18 +118,26 @@ def load(checkpoint: Checkpoint, *, device: str | torch.device = "auto") -> Load
             "msfm.scmulan.generate(prompts, 'ckpt/scmulan')."
         )
         raise MsfmInputError(msg)
-    ckpt = load_checkpoint(checkpoint, family=FAMILY)
-    config = ScMulanConfig(**ckpt.config)
+    ckpt = load_checkpoint(checkpoint, family=FAMILY, weights=False)
+    config = checkpoint_config(ScMulanConfig, ckpt.config, ckpt.config_file)
     vocab_dict = ckpt.meta.get("extra", {}).get("vocabulary")
     if vocab_dict is None:
         msg = f"{ckpt.path} has no vocabulary in meta.json (extra.vocabulary); re-create it with msfm scmulan convert."
         raise CheckpointError(msg)
     vocab = CellSentenceVocab.from_dict(vocab_dict)
     if len(vocab) != config.vocab_size:
-        msg = f"{ckpt.path}: vocabulary has {len(vocab)} tokens but the config says vocab_size={config.vocab_size}."
+        msg = (
+            f"{ckpt.path}: the vocabulary in meta.json has {len(vocab)} tokens but config.json says "
+            f"vocab_size={config.vocab_size}; the files do not belong together. Re-export the checkpoint."
+        )
         raise CheckpointError(msg)
-    model = ScMulan(config)
-    model.load_state_dict(ckpt.state_dict, strict=True)
+    model, _ = build_checked_model(
+        lambda: ScMulan(config),
+        ckpt.weights_file,
+        header=ckpt.tensors,
+        config_file=ckpt.config_file,
+        fields=config.model_dump(),
+    )
     dev = resolve_device(device)
     model.to(dev).eval()
     return Loaded(FAMILY, model, config, ckpt.meta, Path(ckpt.path), dev, vocab)

@@ -33,7 +33,7 @@ from anndata import AnnData
 
 from msfm.data import CellSource, GenePanel
 from msfm.engine.module import MsfmLightningModule
-from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit, resume_step
+from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, check_resume, fit, resume_step
 from msfm.errors import MsfmInputError
 from msfm.models.scmulan.config import ScMulanConfig
 from msfm.models.scmulan.loading import Checkpoint, fresh_copy, preprocessing_record
@@ -66,6 +66,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["grow_model", "train"]
 
 PathLike = str | os.PathLike[str]
+#: Settings besides msfm.engine.trainer.RESUME_SAFE_SETTINGS that may change on resume: the example stream does not
+#: depend on the number of DataLoader workers.
+RESUME_SAFE = ("num_workers",)
 
 
 def train(
@@ -83,7 +86,7 @@ def train(
         data: an AnnData, an ``.h5ad`` path (opened backed), or a list of them; raw counts (``layers['counts']``
             or ``X``) unless ``pre_normalized``. Never modified.
         out: the run directory. If it already holds a run, training resumes from its last checkpoint (repeat
-            the same call).
+            the same call; other settings only with ``allow_config_change=True``, recorded in ``config.json``).
         config: the settings (:class:`ScMulanTrainConfig`): an object, a mapping or a YAML/JSON file; defaults to
             the tiny preset, annotation + generation on ``obs['cell_type']``.
         checkpoint: fine-tune this msfm scMulan checkpoint (a directory such as a converted official one, a
@@ -100,8 +103,17 @@ def train(
     Raises:
         MsfmInputError: missing metadata columns (the message lists the obs columns), no usable cells, a task
             with no cell to learn from, unknown or invalid settings.
+        ConfigChangedError: ``out`` holds a run started with other settings (named as ``old -> new``).
     """
     settings = _settings(config, overrides)
+    # Before the data is read or the vocabulary rewritten: a resumed run keeps the settings it was started with.
+    check_resume(
+        out,
+        trainer=settings.trainer,
+        optim=settings.optim,
+        run_config=settings.model_dump(mode="json"),
+        resume_safe=RESUME_SAFE,
+    )
     init = None
     init_path = None
     if checkpoint is not None:
@@ -417,5 +429,13 @@ def _train(
     if trainer.is_global_zero and rank_zero_only.rank == 0:
         vocab.save(out / VOCAB_FILE)
     run_config = config.model_copy(update={"trainer": opts}).model_dump(mode="json")
-    fit(trainer, module, loader, out, val_dataloaders=val_loader, run_config=run_config)
+    fit(
+        trainer,
+        module,
+        loader,
+        out,
+        val_dataloaders=val_loader,
+        run_config=run_config,
+        resume_safe=RESUME_SAFE,
+    )
     return out / "model"

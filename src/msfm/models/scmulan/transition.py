@@ -137,5 +137,5 @@ def next_state(
         "pre_normalized": read.pre_normalized,
     }
     store_uns(cells, FAMILY, "next_state", record(loaded, params, mapping, source.kind))
-    write_output(cells, target, data)
+    write_output(cells, target, data, replace=overwrite)
     return cells
