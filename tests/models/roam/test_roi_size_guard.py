@@ -171,3 +171,25 @@ def test_cli_predict_exits_2_on_another_roi_size(tmp_path):
         main(["roam", "predict", str(fd), "-c", str(run), "-o", str(tmp_path / "p.csv"), "--device", "cpu"])
     assert exit_info.value.code == 2
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_training_refuses_features_of_mixed_roi_geometries(tmp_path):
+    """`roam train` reads every header first: slides preprocessed with another ROI size are refused before any
+    fold trains or anything is written."""
+    import pandas as pd
+
+    fd = _features(tmp_path / "f", n=4)
+    odd = _features(tmp_path / "odd", n=1, roi_size=2048, patch_size=256)
+    (odd / "s0.h5").replace(fd / "s4.h5")
+    rows = [{"slide_id": f"s{i}", "label": "ab"[i % 2]} for i in range(5)]
+    table = tmp_path / "slides.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    out = tmp_path / "run"
+    with pytest.raises(MsfmInputError) as err:
+        msfm.roam.train(fd, out, slides=table, task="label", model="roam-tiny", folds=2, accelerator="cpu")
+    text = str(err.value)
+    assert "different ROI geometries" in text
+    assert "roi_size=2048" in text
+    assert "roi_size=512" in text
+    assert "['s4']" in text
+    assert not out.exists()

@@ -308,6 +308,17 @@ def read_feature_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     return attrs
 
 
+def read_recorded_geometry(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ROI geometry (:data:`GEOMETRY_KEYS`) a feature file really records (no defaults filled in).
+
+    Raises:
+        MsfmInputError: Missing or unreadable file.
+    """
+    p = Path(path)
+    with _open(p) as f:
+        return {k: _from_attr(f.attrs[k]) for k in GEOMETRY_KEYS if k in f.attrs}
+
+
 def read_slide_features(
     path: str | os.PathLike[str], *, encoder: str | None = None, feature_dim: int | None = None
 ) -> SlideFeatures:

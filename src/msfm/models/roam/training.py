@@ -93,13 +93,18 @@ def _is_rank_zero() -> bool:
 
 def _scan_features(table: SlideTable) -> tuple[str | None, int]:
     """Check every feature file's header (encoder, dimension, ROI count) before any training starts."""
-    from msfm.models.roam.features import read_feature_attrs
+    from msfm.models.roam.features import read_feature_attrs, read_recorded_geometry
 
     encoders: dict[str, list[str]] = {}
     dims: dict[int, list[str]] = {}
+    geometries: dict[tuple[tuple[str, Any], ...], list[str]] = {}
     empty: list[str] = []
     for sid in table.slide_ids:
         attrs = read_feature_attrs(table.paths[sid])
+        geo = read_recorded_geometry(table.paths[sid])
+        if geo:  # files that record no geometry cannot disagree (they warn where a model checks them)
+            key = tuple(sorted((k, round(float(v), 4)) for k, v in geo.items()))
+            geometries.setdefault(key, []).append(sid)
         if not attrs.get("n_roi"):
             empty.append(sid)
             continue
@@ -119,6 +124,17 @@ def _scan_features(table: SlideTable) -> tuple[str | None, int]:
         msg = (
             f"The feature files come from different encoders/dimensions (encoders {enc_txt}, dims {dim_txt}). All "
             "slides of a task must be embedded by the same encoder; re-extract the odd ones."
+        )
+        raise MsfmInputError(msg)
+    if len(geometries) > 1:
+        found = "; ".join(
+            f"{', '.join(f'{k}={v:g}' for k, v in key)} ({len(sids)} slides, e.g. {sids[:3]})"
+            for key, sids in geometries.items()
+        )
+        msg = (
+            f"The feature files were made with different ROI geometries: {found}. A model trained on a mix learns "
+            "features that mean different things; re-run `msfm roam preprocess` for the odd slides with the same "
+            "--roi-size/--patch-size/--target-mpp as the rest, or train on one geometry."
         )
         raise MsfmInputError(msg)
     return (next(iter(encoders)) if encoders else None), (next(iter(dims)) if dims else 0)
