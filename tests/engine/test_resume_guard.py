@@ -26,15 +26,9 @@ import msfm
 from msfm.cli import main
 from msfm.engine.module import MsfmLightningModule, OptimConfig
 from msfm.engine.objective import LossOutput
+from msfm.engine.resume import check_resume, run_config_document, settings_record
 from msfm.engine.sampler import ResumableDataLoader
-from msfm.engine.trainer import (
-    TrainerOptions,
-    _run_config_document,
-    _settings_record,
-    build_trainer,
-    check_resume,
-    fit,
-)
+from msfm.engine.trainer import TrainerOptions, build_trainer, fit
 from msfm.errors import ConfigChangedError, MsfmInputError
 
 QUIET = {
@@ -175,8 +169,8 @@ def _fake_run(run: Path, settings: Any, *, optim: Any = None) -> Path:
     """A run directory as a family's train leaves it after a kill: config.json and checkpoints/last.ckpt."""
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"state")
-    record = _settings_record(settings.trainer, optim or settings.optim, settings.model_dump(mode="json"))
-    doc = _run_config_document(run, record, step=None, changes={}, resume_safe=())
+    record = settings_record(settings.trainer, optim or settings.optim, settings.model_dump(mode="json"))
+    doc = run_config_document(run, record, step=None, changes={}, resume_safe=())
     (run / "config.json").write_text(json.dumps(doc))
     (run / "vocabulary.json").write_text("{}")
     return run

@@ -27,7 +27,9 @@ _LAZY = {
     "TrainerOptions": "msfm.engine.trainer",
     "build_trainer": "msfm.engine.trainer",
     "fit": "msfm.engine.trainer",
-    "last_checkpoint": "msfm.engine.trainer",
+    "last_checkpoint": "msfm.engine.run_layout",
+    "check_resume": "msfm.engine.resume",
+    "RESUME_SAFE_SETTINGS": "msfm.engine.resume",
     "distributed_predict": "msfm.engine.predict",
 }
 

@@ -24,7 +24,6 @@ every change in its ``versions`` list (the settings, the step each version start
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import inspect
 import io
 import logging
@@ -47,12 +46,25 @@ from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from msfm._version import __version__
-from msfm.errors import ConfigChangedError, MsfmInputError
+from msfm.engine.resume import ALLOW_KEY as _ALLOW_KEY
+from msfm.engine.resume import (
+    RESUME_SAFE_SETTINGS,
+    changed_settings,
+    check_resume,
+    run_config_document,
+    settings_record,
+)
+from msfm.engine.run_layout import (
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    MODEL_DIR,
+    RUN_CONFIG,
+    last_checkpoint,
+)
+from msfm.errors import MsfmInputError
 from msfm.runtime.atomic import atomic_write, atomic_write_json, probe_writable
 from msfm.runtime.checkpoint import save_checkpoint
 from msfm.runtime.devices import parse_devices
-from msfm.runtime.jsonable import to_jsonable
 from msfm.runtime.safe_load import load_torch_file
 
 logger = logging.getLogger(__name__)
@@ -63,11 +75,6 @@ PrecisionName = Literal[
     "transformer-engine-float16",
 ]  # fmt: skip
 
-CHECKPOINTS_DIR = "checkpoints"
-LAST_CKPT = "last.ckpt"
-MODEL_DIR = "model"
-RUN_CONFIG = "config.json"
-METRICS_FILE = "metrics.csv"
 
 __all__ = [
     "RESUME_SAFE_SETTINGS",
@@ -82,26 +89,6 @@ __all__ = [
     "last_checkpoint",
     "resume_step",
 ]
-
-#: Settings (matched by their last name, in any section) that may differ when a run is resumed: how long it runs
-#: (``max_steps``/``max_epochs``, to extend a finished run), how often it logs and saves, what it displays, and the
-#: accelerator. Everything else (model, data, objective, optimiser, batch size, accumulation, seed, precision,
-#: devices, strategy, ...) must be the one the run started with, unless ``allow_config_change`` is set. Families
-#: add their own safe settings through ``fit(..., resume_safe=...)`` (DataLoader workers where the stream does not
-#: depend on them; ROAM its runtime fields).
-RESUME_SAFE_SETTINGS = frozenset(
-    {
-        "max_steps",
-        "max_epochs",
-        "log_every_n_steps",
-        "checkpoint_every_n_steps",
-        "progress_bar",
-        "model_summary",
-        "accelerator",
-    }
-)
-#: Never stored nor compared: it only says whether a change is accepted.
-_ALLOW_KEY = "allow_config_change"
 
 
 class TrainerOptions(BaseModel):
@@ -666,19 +653,6 @@ def _coerce_options(options: TrainerOptions | Mapping[str, Any]) -> TrainerOptio
     raise MsfmInputError(msg)
 
 
-def last_checkpoint(run_dir: PathLike) -> Path | None:
-    """Path of the resumable Lightning checkpoint of a run, if there is one.
-
-    Args:
-        run_dir: Run directory.
-
-    Returns:
-        ``run_dir/checkpoints/last.ckpt`` when it exists, else None.
-    """
-    path = Path(run_dir) / CHECKPOINTS_DIR / LAST_CKPT
-    return path if path.is_file() else None
-
-
 def resume_step(run_dir: PathLike) -> int:
     """Optimiser step stored in ``run_dir/checkpoints/last.ckpt`` (0 for a new run).
 
@@ -736,7 +710,7 @@ def fit(
     step = 0
     opts = getattr(trainer, "msfm_options", None)
     optim = getattr(module, "optim", None)
-    record = _settings_record(opts, optim, run_config)
+    record = settings_record(opts, optim, run_config)
     changes: dict[str, tuple[Any, Any]] = {}
     if ckpt is not None:
         changes = check_resume(
@@ -759,7 +733,7 @@ def fit(
         _reset_metrics(run, step if ckpt is not None else None)
         atomic_write_json(
             run / RUN_CONFIG,
-            _run_config_document(
+            run_config_document(
                 run,
                 record,
                 step=step if ckpt is not None else None,
@@ -774,226 +748,3 @@ def fit(
     else:
         trainer.fit(module, train_dataloaders=data, val_dataloaders=val_dataloaders, **fit_kwargs)
     return run
-
-
-# --- resume guard ------------------------------------------------------------------------------------------------
-
-
-class _NotSet:
-    """A setting one of two records lacks (shown as ``(not set)``)."""
-
-    def __repr__(self) -> str:
-        return "(not set)"
-
-
-_NOT_SET: Any = _NotSet()
-
-
-def _strip_allow(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _strip_allow(v) for k, v in value.items() if k != _ALLOW_KEY}
-    if isinstance(value, list):
-        return [_strip_allow(v) for v in value]
-    return value
-
-
-def _plain(value: Any) -> Any:
-    """JSON-plain form (tuples -> lists, models -> dicts), as it reads back from ``config.json``."""
-    import json
-
-    return json.loads(json.dumps(to_jsonable(value)))
-
-
-def _settings_record(trainer_options: Any, optim: Any, run_config: Any) -> dict[str, Any]:
-    """``{"trainer", "optim", "run"}`` as stored in ``config.json`` (``allow_config_change`` left out)."""
-    return {
-        "trainer": _strip_allow(_plain(trainer_options)),
-        "optim": _strip_allow(_plain(optim)),
-        "run": _strip_allow(_plain(run_config)),
-    }
-
-
-def changed_settings(
-    old: Mapping[str, Any], new: Mapping[str, Any], *, lenient: bool = False
-) -> dict[str, tuple[Any, Any]]:
-    """Every setting that differs between two settings records, as ``{"optim.lr": (old, new)}``.
-
-    Mappings are compared key by key (a dotted name per leaf); lists and plain values as a whole. A key present on
-    one side only counts as a change (shown as ``"(not set)"``), except, with ``lenient``, keys the old record's
-    non-empty mappings lack (settings added by a later msfm).
-    """
-    out: dict[str, tuple[Any, Any]] = {}
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            for key in [*a, *(k for k in b if k not in a)]:
-                name = f"{prefix}.{key}" if prefix else str(key)
-                if key not in a:
-                    if not (lenient and a):
-                        out[name] = (_NOT_SET, b[key])
-                elif key not in b:
-                    out[name] = (a[key], _NOT_SET)
-                else:
-                    walk(a[key], b[key], name)
-        elif a != b:
-            out[prefix] = (a, b)
-
-    walk(dict(old), dict(new), "")
-    return out
-
-
-def _is_safe(name: str, safe: Collection[str]) -> bool:
-    return name.rsplit(".", 1)[-1] in safe or name in safe
-
-
-def _read_run_config(run: Path) -> dict[str, Any] | None:
-    import json
-    import warnings
-
-    path = run / RUN_CONFIG
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        msg = (
-            f"{path} is unreadable ({err}); the settings of the resumed run cannot be compared with the ones it was "
-            "started with. Restore the file, or start a new run in another folder."
-        )
-        warnings.warn(msg, UserWarning, stacklevel=3)
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _short(name: str) -> str:
-    # The run config is what the user set (batch_size, optim.lr, trainer.seed): show its keys without "run.".
-    return name.removeprefix("run.")
-
-
-def _describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
-    seen: dict[str, str] = {}
-    for name, (a, b) in changes.items():
-        seen.setdefault(_short(name), f"{_short(name)} {a!r} -> {b!r}")
-    return ", ".join(seen.values())
-
-
-def check_resume(
-    run_dir: PathLike,
-    *,
-    trainer: Any = None,
-    optim: Any = None,
-    run_config: Any = None,
-    allow_change: bool | None = None,
-    resume_safe: Collection[str] = (),
-    warn: bool = True,
-) -> dict[str, tuple[Any, Any]]:
-    """Refuse to resume ``run_dir`` with settings other than the ones it was started with.
-
-    Nothing happens for a new run (no ``checkpoints/last.ckpt``). Otherwise the given sections (``trainer``,
-    ``optim``, ``run_config``; ``None`` = not compared) are compared with the latest version in ``config.json``.
-    Family ``train`` functions call this as soon as their settings are resolved, before reading data or writing
-    anything; :func:`fit` calls it again with everything it stores.
-
-    Args:
-        run_dir: the run directory.
-        trainer: the :class:`TrainerOptions` of the new call.
-        optim: the optimiser settings of the new call.
-        run_config: the run config of the new call (as given to :func:`fit`).
-        allow_change: accept changed settings (default: ``trainer.allow_config_change``).
-        resume_safe: settings (last names) that may change besides :data:`RESUME_SAFE_SETTINGS`.
-        warn: log a warning when changed settings are accepted.
-
-    Returns:
-        Every changed setting, ``{"optim.lr": (old, new)}`` (safe ones included; empty for a new run).
-
-    Raises:
-        ConfigChangedError: A setting outside the safe ones changed and ``allow_change`` is False; the message
-            names each one as ``old -> new``.
-    """
-    run = Path(run_dir)
-    if last_checkpoint(run) is None:
-        return {}
-    doc = _read_run_config(run)
-    if doc is None:
-        logger.warning("resuming %s without %s: its settings cannot be compared", run, RUN_CONFIG)
-        return {}
-    new = _settings_record(trainer, optim, run_config)
-    sections = [k for k, v in (("trainer", trainer), ("optim", optim), ("run", run_config)) if v is not None]
-    old = {k: _strip_allow(doc.get(k)) for k in sections if doc.get(k) is not None}
-    lenient = doc.get("msfm_version") != __version__
-    changes = changed_settings(old, {k: new[k] for k in old}, lenient=lenient)
-    safe = set(RESUME_SAFE_SETTINGS) | set(resume_safe)
-    unsafe = {k: v for k, v in changes.items() if not _is_safe(k, safe)}
-    allow = bool(getattr(trainer, _ALLOW_KEY, False)) if allow_change is None else allow_change
-    if unsafe and not allow:
-        msg = (
-            f"{run} holds a run started with other settings ({run / RUN_CONFIG}): {_describe(unsafe)}. Resuming "
-            "would continue its weights under settings they were not trained with, and the data order would no "
-            "longer be the run's. Repeat the original settings to resume; pass allow_config_change=True (CLI "
-            "--allow-config-change) to continue with the new ones (recorded as a new version in config.json); "
-            "or choose another output folder for a new run."
-        )
-        raise ConfigChangedError(msg)
-    if unsafe and warn:
-        logger.warning("resuming %s with changed settings (allow_config_change): %s", run, _describe(unsafe))
-    return changes
-
-
-def _json_value(value: Any) -> Any:
-    return repr(value) if isinstance(value, _NotSet) else value
-
-
-def _run_config_document(
-    run: Path,
-    record: Mapping[str, Any],
-    *,
-    step: int | None,
-    changes: Mapping[str, tuple[Any, Any]],
-    resume_safe: Collection[str],
-    accepted_by: str = _ALLOW_KEY,
-) -> dict[str, Any]:
-    """``config.json``: the current settings on top (``trainer``, ``optim``, ``run``), and ``versions``.
-
-    ``versions`` lists every version of the settings: its number, the step it started at, the time, the msfm
-    version and, from version 2 on, what changed (``{"optim.lr": [old, new]}``) and what allowed it. The latest
-    version's settings are the top-level ones; each earlier version keeps its own full settings, so the original
-    values are never lost.
-    """
-    now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-    versions: list[dict[str, Any]] = []
-    old = _read_run_config(run) if step is not None else None
-    if old is not None:
-        versions = [dict(v) for v in old.get("versions") or [] if isinstance(v, Mapping)]
-        if not versions:  # written by an msfm without versions: its settings are version 1
-            versions = [
-                {
-                    "version": 1,
-                    "started_at_step": 0,
-                    "time": old.get("written"),
-                    "msfm_version": old.get("msfm_version"),
-                }
-            ]
-    if not versions or changes:
-        if versions and "trainer" not in versions[-1]:
-            # The version being superseded keeps its settings (until now they were the top-level ones).
-            versions[-1].update({k: old.get(k) for k in ("trainer", "optim", "run")} if old else {})
-        safe = set(RESUME_SAFE_SETTINGS) | set(resume_safe)
-        entry: dict[str, Any] = {
-            "version": len(versions) + 1,
-            "started_at_step": int(step or 0),
-            "time": now,
-            "msfm_version": __version__,
-        }
-        if changes:
-            entry["changed"] = {k: [_json_value(a), _json_value(b)] for k, (a, b) in changes.items()}
-            entry["allowed_by"] = (
-                "resume-safe settings" if all(_is_safe(k, safe) for k in changes) else accepted_by
-            )
-        versions.append(entry)
-    return {
-        "msfm_version": __version__,
-        "written": now,
-        "resumed_from_step": step,
-        **record,
-        "versions": versions,
-    }

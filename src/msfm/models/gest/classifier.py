@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from msfm.data.options import SpatialReadOptions
 from msfm.engine.module import MsfmLightningModule, OptimConfig
 from msfm.engine.objective import LossOutput
+from msfm.engine.resume import check_resume
 from msfm.engine.sampler import ResumableDataLoader
-from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, check_resume, fit
+from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit
 from msfm.errors import CheckpointError, MsfmInputError
 from msfm.models.gest.checkpoint import (
     NICHE_FAMILY,

@@ -66,7 +66,7 @@ __all__ = ["GestTrainConfig", "WindowStream", "final_metrics", "preprocessing_re
 
 PathLike = str | os.PathLike[str]
 VOCAB_FILE = "vocab.safetensors"
-#: Settings besides msfm.engine.trainer.RESUME_SAFE_SETTINGS that may change on resume: the window stream does not
+#: Settings besides msfm.engine.resume.RESUME_SAFE_SETTINGS that may change on resume: the window stream does not
 #: depend on the number of DataLoader workers.
 RESUME_SAFE = ("num_workers",)
 

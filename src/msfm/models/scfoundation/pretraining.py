@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from msfm.data import CellReadOptions, GenePanel
 from msfm.data.stream import PanelRowStream
 from msfm.engine.module import MsfmLightningModule, OptimConfig
-from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, check_resume, fit, resume_step
+from msfm.engine.resume import check_resume
+from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit, resume_step
 from msfm.errors import MsfmInputError
 from msfm.models.scfoundation.config import ScFoundationConfig
 from msfm.models.scfoundation.loading import CheckpointLike, backbone_of, load

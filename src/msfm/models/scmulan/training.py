@@ -33,7 +33,8 @@ from anndata import AnnData
 
 from msfm.data import CellSource, GenePanel
 from msfm.engine.module import MsfmLightningModule
-from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, check_resume, fit, resume_step
+from msfm.engine.resume import check_resume
+from msfm.engine.trainer import ExportCallback, TrainerOptions, build_trainer, fit, resume_step
 from msfm.errors import MsfmInputError
 from msfm.models.scmulan.config import ScMulanConfig
 from msfm.models.scmulan.loading import Checkpoint, fresh_copy, preprocessing_record
@@ -66,7 +67,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["grow_model", "train"]
 
 PathLike = str | os.PathLike[str]
-#: Settings besides msfm.engine.trainer.RESUME_SAFE_SETTINGS that may change on resume: the example stream does not
+#: Settings besides msfm.engine.resume.RESUME_SAFE_SETTINGS that may change on resume: the example stream does not
 #: depend on the number of DataLoader workers.
 RESUME_SAFE = ("num_workers",)
 
