@@ -9,11 +9,11 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-import scipy.sparse as sp
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from msfm.cli import main
+from sf_official import official_cells_h5ad
 
 FIX = Path(__file__).parents[1] / "fixtures" / "scfoundation"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -33,15 +33,8 @@ def io() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def cells_h5ad(io, tmp_path_factory) -> Path:
-    with safe_open(FIX / "tiny_official_io.safetensors", "np") as f:
-        meta = f.metadata()
-    a = ad.AnnData(X=sp.csr_matrix(io["source_counts"]))
-    a.var_names = json.loads(meta["source_gene_symbols"])
-    a.obs_names = json.loads(meta["cell_ids"])
-    path = tmp_path_factory.mktemp("cli") / "cells.h5ad"
-    a.write_h5ad(path)
-    return path
+def cells_h5ad(tmp_path_factory) -> Path:
+    return official_cells_h5ad(tmp_path_factory.mktemp("cli"))
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import anndata as ad
-import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
-from safetensors import safe_open
-from safetensors.numpy import load_file
 
 import msfm
 from msfm.cli import main
@@ -30,6 +26,7 @@ from msfm.engine.resume import check_resume, run_config_document, settings_recor
 from msfm.engine.sampler import ResumableDataLoader
 from msfm.engine.trainer import TrainerOptions, build_trainer, fit
 from msfm.errors import ConfigChangedError, MsfmInputError
+from sf_official import official_cells
 
 QUIET = {
     "accelerator": "cpu",
@@ -239,12 +236,7 @@ def test_gest_train_and_fit_classifier_refuse_changed_settings(tmp_path: Path, c
 
 
 def _cells() -> ad.AnnData:
-    file = FIX / "scfoundation" / "tiny_official_io.safetensors"
-    with safe_open(file, "np") as f:
-        meta = f.metadata()
-    genes = json.loads(meta["source_gene_symbols"])
-    a = ad.AnnData(X=sp.csr_matrix(load_file(file)["source_counts"]), var={"_": np.zeros(len(genes))})
-    a.var_names = genes
+    a = official_cells()
     a.obs["label"] = ["a", "b"] * (a.n_obs // 2)
     return a
 

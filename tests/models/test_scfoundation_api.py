@@ -11,12 +11,12 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import msfm
 from msfm.errors import CheckpointError, MsfmInputError
 from msfm.runtime.loaded import Loaded
+from sf_official import official_cells
 
 sf = msfm.scfoundation
 
@@ -30,15 +30,8 @@ def io() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def cells(io) -> ad.AnnData:
-    with safe_open(FIX / "tiny_official_io.safetensors", "np") as f:
-        meta = f.metadata()
-    genes = json.loads(meta["source_gene_symbols"])
-    ids = json.loads(meta["cell_ids"])
-    a = ad.AnnData(X=sp.csr_matrix(io["source_counts"]), var={"_": np.zeros(len(genes))})
-    a.var_names = genes
-    a.obs_names = ids
-    return a
+def cells() -> ad.AnnData:
+    return official_cells()
 
 
 @pytest.fixture(scope="module")

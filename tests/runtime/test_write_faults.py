@@ -8,7 +8,6 @@ lost: previous outputs byte-for-byte, no debris files.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -22,9 +21,6 @@ import anndata as ad
 import h5py
 import numpy as np
 import pytest
-import scipy.sparse as sp
-from safetensors import safe_open
-from safetensors.numpy import load_file
 
 import msfm
 from cli_runner import run_cli
@@ -40,6 +36,7 @@ from msfm.runtime.atomic import (
 )
 from msfm.runtime.h5ad import check_output, open_hdf5, write_h5ad_atomic, write_output
 from msfm.runtime.h5ad_stream import H5adResultWriter
+from sf_official import official_cells_h5ad
 
 FIX = Path(__file__).parents[1] / "fixtures" / "scfoundation"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -61,15 +58,7 @@ def _adata(n: int = 3) -> ad.AnnData:
 
 @pytest.fixture(scope="module")
 def cells_h5ad(tmp_path_factory) -> Path:
-    io = load_file(FIX / "tiny_official_io.safetensors")
-    with safe_open(FIX / "tiny_official_io.safetensors", "np") as f:
-        meta = f.metadata()
-    a = ad.AnnData(X=sp.csr_matrix(io["source_counts"]))
-    a.var_names = json.loads(meta["source_gene_symbols"])
-    a.obs_names = json.loads(meta["cell_ids"])
-    path = tmp_path_factory.mktemp("cells") / "cells.h5ad"
-    a.write_h5ad(path)
-    return path
+    return official_cells_h5ad(tmp_path_factory.mktemp("cells"))
 
 
 @pytest.fixture(scope="module")

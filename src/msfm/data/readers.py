@@ -34,6 +34,16 @@ SUPPORTED_FORMATS = (
 )
 
 
+# What anndata, h5py and zarr raise on a damaged or foreign file (each reader turns it into one MsfmInputError).
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError)
+
+
+def _cause(err: BaseException) -> str:
+    """``Type: first line of the message`` of a library error, for one-line msfm errors."""
+    text = str(err)
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _formats() -> str:
     return "; ".join(SUPPORTED_FORMATS)
 
@@ -320,10 +330,10 @@ def _read_h5ad(path: Path, *, backed: bool) -> ad.AnnData:
         raise MsfmInputError(_not_utf8_message(path, err)) from err
     except MsfmInputError:
         raise
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+    except _READ_ERRORS as err:
         msg = (
-            f"{str(path)!r} is an HDF5 file with AnnData groups, but anndata cannot read it ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). The file is damaged, or was written by a tool that "
+            f"{str(path)!r} is an HDF5 file with AnnData groups, but anndata cannot read it ({_cause(err)}). "
+            "The file is damaged, or was written by a tool that "
             "does not follow the AnnData layout. Write it again with anndata (`adata.write_h5ad(path)`)."
         )
         raise MsfmInputError(msg) from err
@@ -418,10 +428,10 @@ def _read_zarr(path: Path) -> ad.AnnData:
             "Re-encode the names as UTF-8 in the tool that wrote the store, then write it again."
         )
         raise MsfmInputError(msg) from err
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+    except _READ_ERRORS as err:
         msg = (
-            f"{str(path)!r} cannot be read as an AnnData zarr store ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). The store is incomplete or damaged; write it "
+            f"{str(path)!r} cannot be read as an AnnData zarr store ({_cause(err)}). "
+            "The store is incomplete or damaged; write it "
             "again with anndata (`adata.write_zarr(path)`)."
         )
         raise MsfmInputError(msg) from err

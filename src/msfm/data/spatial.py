@@ -118,11 +118,8 @@ def _scale_from(adata: ad.AnnData, scale: float | None, key: str = "spatial") ->
             visium = _visium_pixel_scale(adata)
             if visium is not None:
                 return visium, "Visium scale factors (uns['spatial'])"
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not (np.isfinite(value) and value > 0):
+    value = _positive_number(scale)
+    if value is None:
         msg = (
             f"spatial_coords: scale={scale!r} is not a positive number. The scale is the number of micrometres per "
             "unit of adata.obsm coordinates (1.0 if they are already in µm, e.g. 0.2125 for Xenium pixels); pass "
@@ -130,6 +127,15 @@ def _scale_from(adata: ad.AnnData, scale: float | None, key: str = "spatial") ->
         )
         raise MsfmInputError(msg)
     return value, source
+
+
+def _positive_number(value: Any) -> float | None:
+    """``value`` as a finite positive float, or None (not a number, NaN, infinite, zero or negative)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) and number > 0 else None
 
 
 def _visium_pixel_scale(adata: ad.AnnData) -> float | None:
@@ -161,11 +167,8 @@ def _visium_pixel_scale(adata: ad.AnnData) -> float | None:
     factors: dict[str, float] = {}
     for lib, sf in libraries.items():
         diameter = sf.get("spot_diameter_fullres")
-        try:
-            value = float(diameter)
-        except (TypeError, ValueError):
-            value = float("nan")
-        if not (np.isfinite(value) and value > 0):
+        value = _positive_number(diameter)
+        if value is None:
             msg = (
                 f"spatial_coords: adata.uns['spatial'][{lib!r}]['scalefactors'] (scanpy Visium layout, where "
                 f"obsm['spatial'] holds image pixels) has spot_diameter_fullres={diameter!r}, so pixels cannot be "
