@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
@@ -52,7 +51,6 @@ PathLike = str | os.PathLike[str]
 
 __all__ = [
     "STALE_AFTER_S",
-    "GuardedFile",
     "PathLike",
     "atomic_dir",
     "atomic_path",
@@ -62,11 +60,13 @@ __all__ = [
     "atomic_write_text",
     "check_free_space",
     "check_output_free",
+    "commit_file",
     "fsync_dir",
     "output_error",
     "probe_writable",
     "resolve_output",
     "sweep_stale",
+    "temp_file_for",
 ]
 
 #: Temporaries of other hosts (whose process cannot be checked) older than this are removed by :func:`sweep_stale`.
@@ -81,7 +81,7 @@ _SPACE_ERRNOS = {
     ),
 }
 _DENIED_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
-# os.link fails with these where a file system has no hard links; the commit then falls back (see _commit_file).
+# os.link fails with these where a file system has no hard links; the commit then falls back (see commit_file).
 _NO_LINK_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV, errno.ENOSYS}
 
 
@@ -110,7 +110,8 @@ def _temp_pattern(target: Path) -> re.Pattern[str]:
     )
 
 
-def _mkstemp(target: Path, suffix: str = "") -> tuple[int, Path]:
+def temp_file_for(target: Path, suffix: str = "") -> tuple[int, Path]:
+    """An exclusive, unpredictably named temporary beside ``target`` (marked for the stale sweep): ``(fd, path)``."""
     fd, name = tempfile.mkstemp(prefix=_prefix(target), suffix=f".tmp{suffix}", dir=target.parent)
     return fd, Path(name)
 
@@ -371,7 +372,9 @@ def _chmod(path: Path, mode: int) -> None:
         logger.debug("could not set the mode of %s: %s", path, err)
 
 
-def _commit_file(tmp: Path, target: Path, *, replace: bool) -> None:
+def commit_file(tmp: Path, target: Path, *, replace: bool) -> None:
+    """Move a finished temporary onto ``target`` with the output's final mode; ``replace=False`` never replaces a
+    file that appeared meanwhile (OutputError), using a no-replace hard link."""
     _chmod(tmp, _final_mode(target))
     if replace:
         os.replace(tmp, target)
@@ -451,13 +454,13 @@ def atomic_write(
     sweep_stale(target)
     tmp: Path | None = None
     try:
-        fd, tmp = _mkstemp(target)
+        fd, tmp = temp_file_for(target)
         text_kwargs = {"encoding": encoding, "newline": ""} if mode == "w" else {}
         with os.fdopen(fd, mode, **text_kwargs) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        _commit_file(tmp, target, replace=replace)
+        commit_file(tmp, target, replace=replace)
         fsync_dir(target.parent)
     except BaseException as err:
         _fail(tmp, target, err, existed)
@@ -488,12 +491,12 @@ def atomic_path(path: PathLike, *, suffix: str = "", replace: bool = True) -> It
     sweep_stale(target)
     tmp: Path | None = None
     try:
-        fd, tmp = _mkstemp(target, suffix)
+        fd, tmp = temp_file_for(target, suffix)
         os.close(fd)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        _commit_file(tmp, target, replace=replace)
+        commit_file(tmp, target, replace=replace)
         fsync_dir(target.parent)
     except BaseException as err:
         _fail(tmp, target, err, existed)
@@ -659,142 +662,3 @@ def check_output_free(path: PathLike, *, overwrite: bool) -> Path:
         raise OutputError(msg)
     probe_writable(real.parent, target=real)
     return p
-
-
-class GuardedFile(io.RawIOBase):
-    """A binary file (around an open descriptor) that never lets a failed write reach the caller's library.
-
-    HDF5 (h5py) crashes the process (segmentation fault) when it touches a file again after one of its writes
-    failed, which is what a full disk does. Opened through this object (``h5py.File(GuardedFile(fd, path),
-    mode)``), HDF5 sees every write succeed. The first ``OSError`` is kept in :attr:`error`; from then on writes go
-    to memory instead of the disk and reads see them, so HDF5 keeps a consistent view of its file while the
-    writer finishes its step, calls :meth:`check` and discards the file. Kept writes are bounded: beyond
-    ``_KEEP_LIMIT`` bytes (raw data, not HDF5's small metadata blocks) only their extent is kept and reads see
-    zeros there.
-    """
-
-    _KEEP_LIMIT = 64 << 20
-
-    def __init__(self, fd: int, path: PathLike) -> None:
-        super().__init__()
-        self._fd = fd
-        self.name = os.fspath(path)
-        self.error: OSError | None = None
-        self._kept: list[
-            tuple[int, bytes | int]
-        ] = []  # (offset, data or length of a zero hole), in write order
-        self._kept_bytes = 0
-        self._end = 0  # logical end of file once writes are kept
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def _size(self) -> int:
-        return max(os.fstat(self._fd).st_size, self._end)
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_END:
-            return os.lseek(self._fd, self._size() + offset, os.SEEK_SET)
-        return os.lseek(self._fd, offset, whence)
-
-    def tell(self) -> int:
-        return os.lseek(self._fd, 0, os.SEEK_CUR)
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        pos = self.tell()
-        got = 0
-        while got < len(view):
-            chunk = os.read(self._fd, len(view) - got)
-            if not chunk:
-                break
-            view[got : got + len(chunk)] = chunk
-            got += len(chunk)
-        if self._kept:
-            got = self._overlay(view, pos, got)
-            os.lseek(self._fd, pos + got, os.SEEK_SET)
-        return got
-
-    def _overlay(self, view: memoryview, pos: int, got: int) -> int:
-        # Apply the kept writes (later ones win) over what the disk returned.
-        n = len(view)
-        for off, data in self._kept:
-            length = data if isinstance(data, int) else len(data)
-            lo, hi = max(off, pos), min(off + length, pos + n)
-            if lo >= hi:
-                continue
-            if lo - pos > got:
-                view[got : lo - pos] = bytes(lo - pos - got)
-            if isinstance(data, int):
-                view[lo - pos : hi - pos] = bytes(hi - lo)
-            else:
-                view[lo - pos : hi - pos] = data[lo - off : hi - off]
-            got = max(got, hi - pos)
-        return got
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        total, pos = len(view), self.tell()
-        if self.error is None:
-            done = 0
-            try:
-                while done < total:
-                    done += os.write(self._fd, view[done:])
-                return total
-            except OSError as err:
-                self.error = err
-                pos, view = pos + done, view[done:]
-        self._keep(pos, view)
-        os.lseek(self._fd, pos + len(view), os.SEEK_SET)
-        return total
-
-    def _keep(self, pos: int, view: memoryview) -> None:
-        if self._kept_bytes + len(view) <= self._KEEP_LIMIT:
-            self._kept.append((pos, bytes(view)))
-            self._kept_bytes += len(view)
-        else:
-            self._kept.append((pos, len(view)))
-        self._end = max(self._end, pos + len(view))
-
-    def truncate(self, size: int | None = None) -> int:
-        size = self.tell() if size is None else size
-        if self.error is None:
-            try:
-                os.ftruncate(self._fd, size)
-            except OSError as err:
-                self.error = err
-        else:
-            self._end = size
-        return size
-
-    def flush(self) -> None:
-        return None
-
-    def sync(self) -> None:
-        """``fsync``; an error (a delayed allocation failing on a full disk) is kept like a write error."""
-        if self.error is None:
-            try:
-                os.fsync(self._fd)
-            except OSError as err:
-                self.error = err
-
-    def check(self) -> None:
-        """Raise the first write error, if any."""
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        if not self.closed:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._kept = []
-        super().close()

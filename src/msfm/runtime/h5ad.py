@@ -3,7 +3,7 @@
 HDF5 crashes the process (segmentation fault) when it touches a file again after one of its writes failed, which
 is what a full disk does mid-write. Every HDF5 file msfm writes is therefore opened through
 :func:`open_hdf5`: HDF5 sees each write succeed, the first error is kept and raised by msfm, and the file is
-discarded (see :class:`msfm.runtime.atomic.GuardedFile`).
+discarded (see :class:`msfm.runtime.guarded_file.GuardedFile`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from msfm.errors import MsfmInputError
-from msfm.runtime.atomic import GuardedFile, PathLike, atomic_path, check_output_free
+from msfm.runtime.atomic import PathLike, atomic_path, check_output_free
+from msfm.runtime.guarded_file import GuardedFile
 
 if TYPE_CHECKING:
     import anndata
@@ -28,7 +29,7 @@ __all__ = ["Hdf5Output", "check_output", "open_hdf5", "same_file", "write_h5ad_a
 
 
 class Hdf5Output:
-    """An HDF5 file open for writing through a :class:`~msfm.runtime.atomic.GuardedFile`.
+    """An HDF5 file open for writing through a :class:`~msfm.runtime.guarded_file.GuardedFile`.
 
     Attributes:
         file: the ``h5py.File``.

@@ -26,16 +26,16 @@ import numpy as np
 
 from msfm.errors import MsfmInputError, OutputError
 from msfm.runtime.atomic import (
-    GuardedFile,
-    _commit_file,
-    _mkstemp,
     check_free_space,
     check_output_free,
+    commit_file,
     fsync_dir,
     output_error,
     resolve_output,
     sweep_stale,
+    temp_file_for,
 )
+from msfm.runtime.guarded_file import GuardedFile
 from msfm.runtime.jsonable import to_uns
 
 _ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
@@ -80,7 +80,7 @@ class H5adResultWriter:
         self._guard: GuardedFile | None = None
         check_free_space(self.dst, self.src.stat().st_size, what="the copy of the input")
         sweep_stale(self.dst)
-        fd, self._tmp = _mkstemp(self.dst)
+        fd, self._tmp = temp_file_for(self.dst)
         try:
             _copy_into(self.src, fd)
             self._guard = GuardedFile(fd, self._tmp)
@@ -222,7 +222,7 @@ class H5adResultWriter:
             self._guard.close()
             self._guard = None
             # The copy is 0600 (mkstemp); the output gets 0666 & ~umask, or keeps the mode of the file it replaces.
-            _commit_file(self._tmp, self.dst, replace=self._replace)
+            commit_file(self._tmp, self.dst, replace=self._replace)
             fsync_dir(self.dst.parent)
         except BaseException as err:
             kept = self._guard.error if self._guard is not None else None
