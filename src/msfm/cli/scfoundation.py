@@ -292,3 +292,20 @@ def _deprecated_alias(old: str, new: str, command: Callable[..., Any]) -> None:
 _deprecated_alias("pretrain", "train", train)
 _deprecated_alias("gene-embed", "embed-genes", embed_genes)
 _deprecated_alias("fit", "fit-classifier", fit_classifier)
+
+
+def _register_downstream() -> None:
+    # TEMPORARY while the downstream command modules are written (issue 13): plain imports replace this.
+    import importlib
+
+    for name in ("scfoundation_perturb", "scfoundation_network", "scfoundation_drug"):
+        try:
+            module = importlib.import_module(f"msfm.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"msfm.cli.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register_downstream()

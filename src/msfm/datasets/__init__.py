@@ -3,6 +3,7 @@
 Example:
     >>> import msfm
     >>> adata = msfm.datasets.pbmc68k()          # 700 PBMCs x 765 genes, raw counts, 10 cell types
+    >>> kang = msfm.datasets.kang_pbmc()       # doctest: +SKIP  # 13,999 PBMCs, control vs IFN-beta stimulated
     >>> msfm.datasets.list_datasets()["pbmc68k"]["licence"]  # doctest: +SKIP
 """
 
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from msfm.datasets.kang import kang_pbmc
 from msfm.datasets.pbmc import pbmc68k, pbmc68k_resampled, write_backed_h5ad
 from msfm.datasets.spatial import scc_st, semi_real_tissue, visium_demo
 
 __all__ = [
+    "kang_pbmc",
     "list_datasets",
     "pbmc68k",
     "pbmc68k_resampled",
@@ -33,6 +36,7 @@ def list_datasets() -> dict[str, dict[str, Any]]:
     """
     from msfm.datasets import pbmc
     from msfm.datasets.histology import histology_info
+    from msfm.datasets.kang import kang_info
     from msfm.datasets.spatial import spatial_info
 
     return {
@@ -58,6 +62,7 @@ def list_datasets() -> dict[str, dict[str, Any]]:
             "citation": pbmc._CITATION,
             "derived": True,
         },
+        **kang_info(),
         **histology_info(),
         **spatial_info(),
     }
