@@ -27,6 +27,8 @@ VERBS: dict[str, dict[str, str]] = {
     "scfoundation": {
         "load": "load", "convert": "convert", "train": "train", "embed": "annotate", "enhance": "annotate",
         "embed_genes": "result", "fit_classifier": "fit", "predict": "annotate",
+        "perturb_fit": "fit_task", "perturb": "new", "gene_network": "new", "drug_fit": "fit_task",
+        "drug_predict": "annotate", "sensitivity_fit": "fit_task", "sensitivity_predict": "annotate",
     },
     "scmulan": {
         "load": "load", "convert": "convert", "train": "train", "predict": "annotate", "embed": "annotate",
@@ -95,6 +97,18 @@ def test_family_is_reachable_after_import_msfm(family: str) -> None:
     assert mod.Loaded is Loaded
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_public_name_is_shadowed_by_a_submodule(family: str) -> None:
+    # Importing package.sub sets the attribute package.sub to the module, hiding a lazily exported function of the
+    # same name (msfm.scfoundation.gene_network became a module once its file was imported).
+    import pkgutil
+
+    mod = _family(family)
+    submodules = {m.name for m in pkgutil.iter_modules(mod.__path__)}
+    clash = sorted(set(mod.__all__) & submodules)
+    assert not clash, f"msfm.{family}: public names that are also submodule names: {clash}"
+
+
 def _params(fn) -> list[inspect.Parameter]:
     return list(inspect.signature(fn).parameters.values())
 
@@ -157,9 +171,12 @@ def test_verb_signature_and_return_type(family: str, verb: str) -> None:
         elif kind == "fit":
             assert {"out", "labels_key"} <= set(kw), where
             assert _returns(fn, TrainResult), where
+        elif kind == "fit_task":  # a head trained for a task other than labels (perturbation, drug response)
+            assert {"out", "overwrite", "progress", "seed", "allow_config_change"} <= set(kw), where
+            assert _returns(fn, TrainResult), where
         else:
             assert _returns(fn, Result), where
-        if family in READS_CELLS and kind in ("annotate", "new", "fit") and verb != "generate":
+        if family in READS_CELLS and kind in ("annotate", "new", "fit", "fit_task") and verb != "generate":
             assert _has_var_kw(fn), f"{where}: reading options come as **read_options"
 
 

@@ -40,6 +40,18 @@ def test_quick_demo_writes_report(tmp_path, capsys):
     assert 0.0 <= sm["generation"]["c2st_auc"] <= 1.0
     assert len(sm["generation"]["per_type"]) == 10
     assert sm["perturbation"]["table"]
+    # scFoundation downstream part (Kang PBMCs; constructed drug data)
+    assert "## scFoundation downstream tasks" in text
+    assert "CONSTRUCTED" in text
+    dm = metrics["scfoundation_downstream"]
+    assert set(dm["perturbation"]["table"]) == {"model", "no_change", "mean_shift", "additive_linear"}
+    assert dm["perturbation"]["table"]["no_change"]["pearson_delta"] == 0.0
+    # The interferon response is the same in every cell type to first order: the mean shift recovers it.
+    assert dm["perturbation"]["table"]["mean_shift"]["pearson_delta"] > 0.5
+    assert set(dm["gene_network"]["cohesion"]) == {"context embeddings", "input embeddings", "co-expression"}
+    assert dm["gene_network"]["cohesion"]["co-expression"]["in_module"] >= 15  # ISGs are co-expressed
+    assert set(dm["drugs"]["drug_response"]) == {"model", "per_drug_mean", "ridge_expression", "ridge_embedding"}
+    assert (tmp_path / "figures" / "perturbation.png").stat().st_size > 5_000
     # ROAM part
     assert "## ROAM (whole-slide images; synthetic labels)" in text
     rm = metrics["roam"]

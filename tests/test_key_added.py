@@ -22,6 +22,8 @@ FAMILIES = ("scfoundation", "scmulan", "roam", "gest")
 # Verbs known to take key_added; the enumeration below must find at least these (and tests any new one).
 KNOWN = {
     ("scfoundation", "embed"), ("scfoundation", "enhance"), ("scfoundation", "predict"),
+    ("scfoundation", "perturb"), ("scfoundation", "gene_network"), ("scfoundation", "drug_predict"),
+    ("scfoundation", "sensitivity_predict"),
     ("scmulan", "predict"), ("scmulan", "embed"), ("scmulan", "smooth_labels"),
     ("gest", "embed"), ("gest", "predict"), ("gest", "cluster_niches"),
 }  # fmt: skip

@@ -282,3 +282,41 @@ def test_fit_refuses_unsafe_last_ckpt(tmp_path: Path) -> None:
     trainer = build_trainer(TrainerOptions(**{**QUIET, "max_steps": 2}), tmp_path)
     with pytest.raises(CheckpointError, match="weights_only=True"):
         fit(trainer, module, DataLoader(_data(), batch_size=4), tmp_path)
+
+
+class _Fail(Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def _train_epochs(run_dir: Path, callbacks: list[Callback]) -> torch.nn.Module:
+    net = _net()
+    module = MsfmLightningModule(
+        net, _noisy_mse, OptimConfig(lr=1e-2, warmup_steps=2)
+    )  # schedule length from
+    # estimated_stepping_batches: Lightning then sets the data up before restoring the checkpoint.
+    options = TrainerOptions(**{**QUIET, "max_epochs": 3, "checkpoint_every_n_steps": 1})
+    trainer = build_trainer(options, run_dir, callbacks=callbacks)
+    loader = ResumableDataLoader(_data(9), batch_size=3, shuffle=True, seed=5)
+    if callbacks:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            fit(trainer, module, loader, run_dir)
+    else:
+        fit(trainer, module, loader, run_dir)
+    return net
+
+
+@pytest.mark.parametrize("crash_at", [2, 4, 7])  # mid-epoch in epochs 0, 1 and 2 (3 batches per epoch)
+def test_crash_mid_epoch_with_max_epochs_resumes_exactly(tmp_path: Path, crash_at: int) -> None:
+    ref = _train_epochs(tmp_path / "ref", [])
+    _train_epochs(tmp_path / "run", [_Fail(crash_at)])
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == crash_at
+    resumed = _train_epochs(tmp_path / "run", [])
+    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert _metric_rows(tmp_path / "run" / "metrics.csv") == _metric_rows(tmp_path / "ref" / "metrics.csv")

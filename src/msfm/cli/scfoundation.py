@@ -1,5 +1,6 @@
 """``msfm scfoundation <verb>``: the commands mirror ``msfm.scfoundation`` (convert, embed, enhance, embed-genes,
-train, fit-classifier, predict); every command parses its options and calls the API.
+train, fit-classifier, predict; the downstream tasks perturb-fit, perturb, gene-network, drug-fit, drug-predict,
+sensitivity-fit, sensitivity-predict); every command parses its options and calls the API.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from msfm.cli import scfoundation_drug, scfoundation_network, scfoundation_perturb
 from msfm.cli.options import (
     BatchSize,
     Checkpoint,
@@ -294,18 +296,7 @@ _deprecated_alias("gene-embed", "embed-genes", embed_genes)
 _deprecated_alias("fit", "fit-classifier", fit_classifier)
 
 
-def _register_downstream() -> None:
-    # TEMPORARY while the downstream command modules are written (issue 13): plain imports replace this.
-    import importlib
-
-    for name in ("scfoundation_perturb", "scfoundation_network", "scfoundation_drug"):
-        try:
-            module = importlib.import_module(f"msfm.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"msfm.cli.{name}":
-                raise
-            continue
-        module.register(app)
-
-
-_register_downstream()
+# The downstream tasks (perturbation, gene network, drug response and sensitivity) live in their own modules.
+scfoundation_perturb.register(app)
+scfoundation_network.register(app)
+scfoundation_drug.register(app)

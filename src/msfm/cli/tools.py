@@ -108,11 +108,18 @@ def demo(
         "demo_out"
     ),
     quick: Annotated[bool, typer.Option("--quick", help="Fewer steps (tests).")] = False,
+    parts: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of parts to run (default: all): scfoundation, scfoundation_downstream, scmulan, roam, gest."
+        ),
+    ] = None,
 ) -> None:
-    """The main job on bundled real PBMC data: pretrain tiny, embed, cluster, enhance, write a report."""
-    from msfm.demo import run_demo
+    """The main job on bundled real data: every family trained, evaluated beside baselines, in one report."""
+    from msfm.demo import PARTS, run_demo
 
-    report = run_demo(out, quick=quick)
+    chosen = PARTS if parts is None else tuple(p.strip() for p in parts.split(",") if p.strip())
+    report = run_demo(out, quick=quick, parts=chosen)
     typer.echo(f"report: {report}")
 
 

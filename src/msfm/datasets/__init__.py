@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from msfm.datasets.constructed_drugs import constructed_drug_response, constructed_sensitivity
 from msfm.datasets.kang import kang_pbmc
 from msfm.datasets.pbmc import pbmc68k, pbmc68k_resampled, write_backed_h5ad
 from msfm.datasets.spatial import scc_st, semi_real_tissue, visium_demo
 
 __all__ = [
+    "constructed_drug_response",
+    "constructed_sensitivity",
     "kang_pbmc",
     "list_datasets",
     "pbmc68k",
@@ -35,6 +38,7 @@ def list_datasets() -> dict[str, dict[str, Any]]:
         ``source``, ``licence``, ``citation`` and ``derived``.
     """
     from msfm.datasets import pbmc
+    from msfm.datasets.constructed_drugs import constructed_info
     from msfm.datasets.histology import histology_info
     from msfm.datasets.kang import kang_info
     from msfm.datasets.spatial import spatial_info
@@ -63,6 +67,7 @@ def list_datasets() -> dict[str, dict[str, Any]]:
             "derived": True,
         },
         **kang_info(),
+        **constructed_info(),
         **histology_info(),
         **spatial_info(),
     }

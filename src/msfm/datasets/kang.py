@@ -117,7 +117,9 @@ def _read(condition: str) -> ad.AnnData:
             warnings.simplefilter("ignore", category)
         a = ad.read_h5ad(_file(condition))
     x = sp.csr_matrix(a.X, dtype=np.float32)
-    out = ad.AnnData(X=x, obs=pd.DataFrame(index=a.obs_names.astype(str)), var=pd.DataFrame(index=a.var_names))
+    out = ad.AnnData(
+        X=x, obs=pd.DataFrame(index=a.obs_names.astype(str)), var=pd.DataFrame(index=a.var_names)
+    )
     out.obs["condition"] = condition
     return out
 

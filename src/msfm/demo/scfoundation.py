@@ -66,6 +66,38 @@ def _thin(counts: sp.csr_matrix, rate: float, seed: int) -> sp.csr_matrix:
     return out
 
 
+def _pretrain_steps(quick: bool) -> int:
+    return 40 if quick else 900
+
+
+def pretrain_pbmc(out: str | Path, *, quick: bool = False, seed: int = 0, adata: Any = None) -> Any:
+    """Pretrain (or resume, or find finished) the demo's tiny scFoundation on the bundled PBMCs; a TrainResult.
+
+    Other demo parts reuse this backbone: a finished run folder returns at once.
+    """
+    import msfm
+
+    if adata is None:
+        adata = msfm.datasets.pbmc68k()
+    steps = _pretrain_steps(quick)
+    return msfm.scfoundation.train(
+        adata,
+        run_dir(Path(out), "pretrain_run", quick=quick, seed=seed),
+        preset="scfoundation-tiny",
+        max_steps=steps,
+        batch_size=8,
+        lr=2e-3,
+        warmup_steps=max(1, steps // 20),
+        seed=seed,
+        accelerator="cpu",
+        devices=1,
+        checkpoint_every_n_steps=max(10, steps // 5),
+        # The 738 panel genes this dataset has: the decoder then spans 740 positions instead of 19,266.
+        gene_panel="data",
+        progress_bar=True,
+    )
+
+
 def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the scFoundation part; figures go to ``OUT/figures``; returns its metrics."""
     import anndata as ad
@@ -87,24 +119,9 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
     counts = sp.csr_matrix(adata.layers["counts"])
 
     # 1. pretrain ------------------------------------------------------------------------------------------
-    steps = 40 if quick else 900
+    steps = _pretrain_steps(quick)
     t0 = time.perf_counter()
-    ckpt = sf.train(
-        adata,
-        run_dir(out, "pretrain_run", quick=quick, seed=seed),
-        preset="scfoundation-tiny",
-        max_steps=steps,
-        batch_size=8,
-        lr=2e-3,
-        warmup_steps=max(1, steps // 20),
-        seed=seed,
-        accelerator="cpu",
-        devices=1,
-        checkpoint_every_n_steps=max(10, steps // 5),
-        # The 738 panel genes this dataset has: the decoder then spans 740 positions instead of 19,266.
-        gene_panel="data",
-        progress_bar=True,
-    )
+    ckpt = pretrain_pbmc(out, quick=quick, seed=seed, adata=adata)
     timings["pretrain_s"] = time.perf_counter() - t0
 
     # 2. embed + cluster vs PCA -----------------------------------------------------------------------------

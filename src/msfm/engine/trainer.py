@@ -666,6 +666,24 @@ def resume_step(run_dir: PathLike) -> int:
     return int(_safe_torch_load(ckpt, mmap=True).get("global_step", 0))
 
 
+def _restore_loader_position(data: Any, ckpt: Path) -> None:
+    """Give a resumable training loader its saved position inside the epoch before ``trainer.fit`` starts.
+
+    Lightning restores loader states only when its fit loop is still "restarting" at data setup. With
+    ``max_epochs`` (not ``max_steps``) the optimiser's schedule asks for ``estimated_stepping_batches`` during
+    strategy setup, which sets up the training data before the checkpoint is restored, so the saved position was
+    silently dropped and a run killed mid-epoch replayed the epoch's first batches. Loading the position here is
+    idempotent (Lightning may load the same state again).
+    """
+    load = getattr(data, "load_state_dict", None)
+    if not callable(load) or isinstance(data, lightning.LightningDataModule):
+        return
+    state = _safe_torch_load(ckpt, mmap=True)
+    saved = state.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader") or []
+    if len(saved) == 1 and isinstance(saved[0], dict) and saved[0]:
+        load(saved[0])
+
+
 def fit(
     trainer: lightning.Trainer,
     module: lightning.LightningModule,
@@ -727,6 +745,7 @@ def fit(
         # The sanity check already ran when the run started; repeating it would also shift the random stream
         # (validation iterators draw seeds) relative to an uninterrupted run.
         trainer.num_sanity_val_steps = 0
+        _restore_loader_position(data, ckpt)
     # Before trainer.fit the strategy may not know its rank yet (ranks launched by Lightning's subprocess
     # launcher); rank_zero_only.rank is read from the launcher's environment variables at import.
     if trainer.is_global_zero and rank_zero_only.rank == 0:

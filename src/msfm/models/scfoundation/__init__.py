@@ -14,6 +14,13 @@ Public API (``data`` is an AnnData or a path; ``checkpoint`` a directory, a ``Tr
     train(data, out, config=..., **overrides)        # pretraining -> TrainResult
     fit_classifier(data, checkpoint, labels_key=..., out=...)   # -> TrainResult
     predict(data, classifier)                        # obs["scfoundation_<labels_key>"], obsm["scfoundation_probs"]
+    perturb_fit(data, checkpoint, out=..., condition_key="condition", control="ctrl")  # GEARS-style head
+    perturb(data, perturb_model, conditions=[...])   # -> AnnData of predicted mean profiles per condition
+    gene_network(data, checkpoint, gene_sets="x.gmt")  # -> AnnData over genes: modules, kNN graph, enrichment
+    drug_fit(bulk, checkpoint, responses=..., drugs=..., out=...)  # DeepCDR-style ln(IC50), 5-fold CV -> TrainResult
+    drug_predict(bulk, drug_model)                   # obsm["scfoundation_ic50"] (cell lines x drugs)
+    sensitivity_fit(bulk, checkpoint, single_cells=cells, bulk_labels_key=..., out=...)  # SCAD-style -> TrainResult
+    sensitivity_predict(cells, sensitivity_model)    # obs["scfoundation_sensitive"], ..._sensitivity_confidence
 """
 
 from __future__ import annotations
@@ -33,6 +40,13 @@ _API = {
     "embed_genes": "msfm.models.scfoundation.gene_context",
     "fit_classifier": "msfm.models.scfoundation.annotation",
     "predict": "msfm.models.scfoundation.annotation",
+    "perturb_fit": "msfm.models.scfoundation.perturbation",
+    "perturb": "msfm.models.scfoundation.perturbation",
+    "gene_network": "msfm.models.scfoundation.network_inference",
+    "drug_fit": "msfm.models.scfoundation.drug_response",
+    "drug_predict": "msfm.models.scfoundation.drug_response",
+    "sensitivity_fit": "msfm.models.scfoundation.drug_sensitivity",
+    "sensitivity_predict": "msfm.models.scfoundation.drug_sensitivity",
     "Loaded": "msfm.runtime.loaded",
     "GeneEmbeddings": "msfm.models.scfoundation.gene_context",
     "ScFoundationTrainConfig": "msfm.models.scfoundation.pretraining",

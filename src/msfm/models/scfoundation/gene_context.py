@@ -106,7 +106,7 @@ def embed_genes(
         check_output_free(out, overwrite=overwrite)
     adata = as_anndata(data)
     loaded = backbone_of(load(checkpoint, device=device))
-    rows = _select_cells(adata, cells)
+    rows = select_cells(adata, cells)
     gene_names, gene_idx = _select_genes(loaded.vocab, genes)
     dim = loaded.config.decoder_dim
     size_gb = len(rows) * len(gene_idx) * dim * 4 / 1e9
@@ -163,7 +163,8 @@ def embed_genes(
     return GeneEmbeddings(None, tuple(gene_names), cell_names, path=path, params=params)
 
 
-def _select_cells(adata: AnnData, cells: Any) -> np.ndarray:
+def select_cells(adata: AnnData, cells: Any) -> np.ndarray:
+    """Row positions chosen by ``cells=`` (None, obs names, integer positions or a boolean mask), in the given order."""
     n = adata.n_obs
     if cells is None:
         return np.arange(n)
