@@ -50,7 +50,12 @@ def test_quick_demo_writes_report(tmp_path, capsys):
     assert dm["perturbation"]["table"]["mean_shift"]["pearson_delta"] > 0.5
     assert set(dm["gene_network"]["cohesion"]) == {"context embeddings", "input embeddings", "co-expression"}
     assert dm["gene_network"]["cohesion"]["co-expression"]["in_module"] >= 15  # ISGs are co-expressed
-    assert set(dm["drugs"]["drug_response"]) == {"model", "per_drug_mean", "ridge_expression", "ridge_embedding"}
+    assert set(dm["drugs"]["drug_response"]) == {
+        "model",
+        "per_drug_mean",
+        "ridge_expression",
+        "ridge_embedding",
+    }
     assert (tmp_path / "figures" / "perturbation.png").stat().st_size > 5_000
     # ROAM part
     assert "## ROAM (whole-slide images; synthetic labels)" in text

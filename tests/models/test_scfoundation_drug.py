@@ -114,13 +114,13 @@ def test_killed_run_skips_finished_folds_and_resumes_the_interrupted_one(small, 
     kw = {"responses": small.responses, "drugs": small.drugs, "use_rep": "X_pca", "folds": 2,
           "checkpoint_every_n_steps": 1, **FAST, "max_epochs": 3}  # fmt: skip
     ref = drug_fit(small.expression, None, out=tmp_path / "a", **kw)
-    # 2 steps per epoch; killed during step 3, last.ckpt holds step 2 (an epoch end). A resume from a mid-epoch
-    # checkpoint after a crash is not bit-exact with the engine loader (reported to the lead), so it is not used.
+    # 2 steps per epoch; killed during step 4, last.ckpt holds step 3: in the middle of the second epoch.
     with pytest.raises(_Crash):
-        drug_fit(small.expression, None, out=tmp_path / "b", callbacks=[_CrashInFold("fold-1", 3)], **kw)
+        drug_fit(small.expression, None, out=tmp_path / "b", callbacks=[_CrashInFold("fold-1", 4)], **kw)
     finished = tmp_path / ".b.run" / "fold-0" / "predictions.csv"
     stamp = finished.stat().st_mtime_ns
-    assert (tmp_path / ".b.run" / "fold-1" / "checkpoints" / "last.ckpt").exists()
+    last = tmp_path / ".b.run" / "fold-1" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
     assert not (tmp_path / "b").exists()
     res = drug_fit(small.expression, None, out=tmp_path / "b", **kw)
     assert finished.stat().st_mtime_ns == stamp  # fold 0 was not trained again
