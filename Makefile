@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 
 bench: $(STAMP)
-	$(VENV)/bin/msfm bench scfoundation --out bench_out
+	$(VENV)/bin/msfm bench all --out bench_out
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -22,6 +22,7 @@ from msfm.cli.options import (
     Out,
     OutDir,
     Overwrite,
+    Precision,
     Preset,
     Quiet,
     Seed,
@@ -254,6 +255,7 @@ def embed(
     seed: Annotated[int, typer.Option(help="Seed of the clustering.")] = 0,
     batch_size: BatchSize = 64,
     device: Device = "auto",
+    precision: Precision = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -277,6 +279,7 @@ def embed(
         key_added=key_added,
         batch_size=batch_size,
         device=device,
+        precision=precision,
         progress=not quiet,
         **read,
     )

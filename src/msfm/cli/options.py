@@ -54,7 +54,10 @@ InitCheckpoint = Annotated[
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output file (the command says which format).")]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder (a run folder resumes).")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")]
-PRECISION_HELP = "32 | bf16 | 16 (Lightning's 32-true | bf16-mixed | 16-mixed are accepted too)."
+PRECISION_HELP = (
+    "auto | 32 | bf16 | 16 (auto: bf16 where this machine computes it fast, else 32; MSFM_PRECISION_AUTO=32|bf16 "
+    "overrides; Lightning's 32-true | bf16-mixed | 16-mixed are accepted too)."
+)
 Precision = Annotated[str, typer.Option(help=PRECISION_HELP)]
 BatchSize = Annotated[int, typer.Option(help="Items per forward pass.")]
 KeyAdded = Annotated[

@@ -63,7 +63,7 @@ def embed(
     out: Out,
     read: dict,
     overrides: dict,
-    precision: Precision = "32",
+    precision: Precision = "auto",
     key_added: KeyAdded = "scfoundation",
     target_depth: TargetDepth = "t4",
     pool: Annotated[str, typer.Option(help="all (S, T, max, mean) | max")] = "all",
@@ -105,7 +105,7 @@ def enhance(
     checkpoint: Checkpoint,
     out: Out,
     read: dict,
-    precision: Precision = "32",
+    precision: Precision = "auto",
     key_added: KeyAdded = "scfoundation",
     target_depth: TargetDepth = "a1",
     batch_size: BatchSize = 8,
@@ -141,7 +141,7 @@ def embed_genes(
         Path, typer.Option("--out", "-o", help="Output HDF5 file (embeddings [cells, genes, dim]).")
     ],
     read: dict,
-    precision: Precision = "32",
+    precision: Precision = "auto",
     genes: Annotated[
         str | None, typer.Option(help="Comma-separated panel symbols (default: the whole panel).")
     ] = None,
@@ -250,7 +250,7 @@ def predict(
     ],
     out: Out,
     read: dict,
-    precision: Precision = "32",
+    precision: Precision = "auto",
     key_added: KeyAdded = "scfoundation",
     batch_size: BatchSize = 64,
     device: Device = "auto",

@@ -85,7 +85,7 @@ def gene_network(
     ] = "f1",
     batch_size: BatchSize = 4,
     device: Device = "auto",
-    precision: Precision = "32",
+    precision: Precision = "auto",
     seed: Seed = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,

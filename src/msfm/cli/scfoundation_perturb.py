@@ -121,7 +121,7 @@ def perturb(
     key_added: KeyAdded = "scfoundation",
     batch_size: BatchSize = 8,
     device: Device = "auto",
-    precision: Precision = "32",
+    precision: Precision = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:

@@ -180,6 +180,30 @@ def bench_gest(
         typer.echo(speed["markdown"])
 
 
+@bench_app.command("all")
+def bench_all(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for bench_all.json and bench_all.md.")
+    ] = Path("bench_out"),
+    sections: Annotated[
+        str, typer.Option(help="Comma list: scfoundation,scmulan,roam,gest,train,ddp (default: all).")
+    ] = "scfoundation,scmulan,roam,gest,train,ddp",
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Tiny presets, few items (CPU: < 3 min; CUDA: < 8 min).")
+    ] = False,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+) -> None:
+    """Every family in one run: official-style loop vs msfm, matmul-limit fraction, bf16 agreement, peak RSS."""
+    _results_folder(out)
+    from msfm.bench.all import run_all
+
+    results = run_all(
+        out, sections=[s.strip() for s in sections.split(",") if s.strip()], quick=quick, device=device
+    )
+    typer.echo(results["markdown"])
+    typer.echo(f"results: {Path(out) / 'bench_all.json'}")
+
+
 def _register_roam_bench() -> None:
     from msfm.bench.roam import register_bench
 

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 from torch.utils.data import DataLoader
 
-from msfm.engine.trainer import TrainerOptions, _coerce_options
+from msfm.engine.trainer import TrainerOptions, _coerce_options, lightning_precision
 from msfm.errors import MsfmInputError
 from msfm.runtime.atomic import atomic_write
 
@@ -205,7 +205,7 @@ def distributed_predict(
         devices=opts.devices,
         strategy=opts.strategy,
         num_nodes=opts.num_nodes,
-        precision=opts.precision,
+        precision=lightning_precision(opts),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=opts.progress_bar is not False,

@@ -65,13 +65,14 @@ from msfm.errors import MsfmInputError
 from msfm.runtime.atomic import atomic_write, atomic_write_json, probe_writable
 from msfm.runtime.checkpoint import save_checkpoint
 from msfm.runtime.devices import parse_devices
+from msfm.runtime.precision import resolve_precision
 from msfm.runtime.safe_load import load_torch_file
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 PrecisionName = Literal[
-    "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine",
+    "auto", "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine",
     "transformer-engine-float16",
 ]  # fmt: skip
 
@@ -87,8 +88,20 @@ __all__ = [
     "check_resume",
     "fit",
     "last_checkpoint",
+    "lightning_precision",
     "resume_step",
 ]
+
+
+def lightning_precision(opts: TrainerOptions) -> str:
+    """The Lightning precision for ``opts``: ``opts.precision`` itself, or for ``"auto"`` the choice of
+    :func:`msfm.runtime.precision.resolve_precision` on the accelerator that will be used (``"bf16-mixed"`` or
+    ``"32-true"``; ``"32-true"`` on accelerators msfm does not measure, such as TPUs)."""
+    if opts.precision != "auto":
+        return opts.precision
+    if opts.accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):
+        return "32-true"
+    return resolve_precision("auto", opts.accelerator).lightning
 
 
 class TrainerOptions(BaseModel):
@@ -100,7 +113,9 @@ class TrainerOptions(BaseModel):
         strategy: Lightning strategy name: ``"auto"``, ``"ddp"``, ``"ddp_spawn"``, ``"fsdp"``,
             ``"fsdp_cpu_offload"``, ... (DeepSpeed is refused: its resume path unpickles arbitrary objects).
         num_nodes: Number of machines (multi-node needs a launcher such as SLURM or torchrun).
-        precision: Lightning precision, e.g. ``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``.
+        precision: Lightning precision, e.g. ``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``, or ``"auto"``
+            (``"bf16-mixed"`` where the accelerator computes bf16 fast, else ``"32-true"``; decided when the trainer
+            is built, see :func:`lightning_precision`).
         max_steps: Optimiser steps to train for (``-1``: bounded by ``max_epochs``).
         max_epochs: Epochs to train for (None: bounded by ``max_steps``).
         accumulate: Batches per optimiser step (gradient accumulation).
@@ -607,7 +622,7 @@ def build_trainer(
         "devices": opts.devices,
         "strategy": strategy,
         "num_nodes": opts.num_nodes,
-        "precision": opts.precision,
+        "precision": lightning_precision(opts),
         "max_steps": opts.max_steps,
         "max_epochs": opts.max_epochs if opts.max_epochs is not None else -1,
         "accumulate_grad_batches": opts.accumulate,

@@ -199,15 +199,18 @@ class MultiheadSelfAttention(nn.Module):
             - returns: ``[N, d]``
         """
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)  # [h, N, dh]
+        # [1, h, N, dh]: SDPA gets 4-D inputs (a batch of one) on purpose. On CPU, 3-D inputs always take the
+        # unfused math kernel; 4-D ones let torch pick its fused flash kernel (about 6x faster per cell in bf16
+        # on AMX hardware, the same result up to rounding).
+        q, k, v = qkv.view(1, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         p = self.dropout if self.training else 0.0
         outs = []
         start = 0
         for n in seq_lens:
             sl = slice(start, start + n)
-            outs.append(F.scaled_dot_product_attention(q[:, sl], k[:, sl], v[:, sl], dropout_p=p))
+            outs.append(F.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], dropout_p=p))
             start += n
-        out = torch.cat(outs, dim=1).transpose(0, 1).reshape(x.shape[0], -1)
+        out = torch.cat(outs, dim=2)[0].transpose(0, 1).reshape(x.shape[0], -1)
         return self.out_proj(out)
 
     def forward(

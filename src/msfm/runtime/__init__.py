@@ -1,5 +1,5 @@
 """msfm.runtime: the layer below everything (atomic IO, h5ad and safetensors files, checkpoints, settings files,
-devices, safe loading of foreign files, plain values, result and loaded-model types, registries, deprecations).
+devices, hardware-aware precision, safe loading of foreign files, plain values, result and loaded-model types, registries, deprecations).
 
 Every other layer may import it; it imports none of them (only ``msfm.errors`` and ``msfm._version``).
 """
@@ -43,6 +43,12 @@ _LAZY = {
     "parse_devices": "msfm.runtime.devices",
     "rank_world": "msfm.runtime.devices",
     "resolve_device": "msfm.runtime.devices",
+    # precision
+    "CpuCapability": "msfm.runtime.precision",
+    "PrecisionChoice": "msfm.runtime.precision",
+    "cpu_capability": "msfm.runtime.precision",
+    "matmul_rate": "msfm.runtime.precision",
+    "resolve_precision": "msfm.runtime.precision",
     # values and names
     "to_jsonable": "msfm.runtime.jsonable",
     "to_uns": "msfm.runtime.jsonable",

@@ -16,22 +16,10 @@ from typing import Any, Literal
 import torch
 
 from msfm.errors import MsfmInputError
+from msfm.runtime.precision import Precision, resolve_precision
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["32", "bf16", "16"]
-
-# Lightning spellings are accepted too, so one precision string can be passed to training and inference.
-_PRECISION_ALIASES: dict[str, Precision] = {
-    "32": "32",
-    "32-true": "32",
-    "fp32": "32",
-    "bf16": "bf16",
-    "bf16-mixed": "bf16",
-    "16": "16",
-    "16-mixed": "16",
-    "fp16": "16",
-}
 _DEVICE_RE = re.compile(r"^(cpu|cuda|mps)(?::(\d+))?$")
 
 __all__ = [
@@ -98,11 +86,12 @@ def _mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
-def normalize_precision(precision: str) -> Precision:
-    """Map a precision string (ours or Lightning's) to ``"32"``, ``"bf16"`` or ``"16"``.
+def normalize_precision(precision: str, device: str | torch.device | None = "auto") -> Precision:
+    """Map a precision string (ours or Lightning's, or ``"auto"``) to ``"32"``, ``"bf16"`` or ``"16"``.
 
     Args:
-        precision: ``"32"``, ``"bf16"``, ``"16"`` or a Lightning name such as ``"bf16-mixed"``.
+        precision: ``"auto"``, ``"32"``, ``"bf16"``, ``"16"`` or a Lightning name such as ``"bf16-mixed"``.
+        device: the device ``"auto"`` is decided for (see :func:`msfm.runtime.precision.resolve_precision`).
 
     Returns:
         The canonical precision.
@@ -110,11 +99,7 @@ def normalize_precision(precision: str) -> Precision:
     Raises:
         MsfmInputError: For an unknown precision.
     """
-    key = str(precision).strip().lower()
-    if key not in _PRECISION_ALIASES:
-        msg = f"Unknown precision {precision!r}; expected one of '32', 'bf16', '16' (or '32-true', 'bf16-mixed', '16-mixed')."
-        raise MsfmInputError(msg)
-    return _PRECISION_ALIASES[key]
+    return resolve_precision(precision, device).precision
 
 
 @contextlib.contextmanager
@@ -123,7 +108,8 @@ def autocast_context(device: str | torch.device, precision: str = "32") -> Itera
 
     Args:
         device: The device the computation runs on.
-        precision: ``"32"`` (no autocast), ``"bf16"`` or ``"16"`` (or the Lightning spellings).
+        precision: ``"32"`` (no autocast), ``"bf16"``, ``"16"`` (or the Lightning spellings), or ``"auto"``
+            (decided by :func:`msfm.runtime.precision.resolve_precision` for ``device``).
 
     Yields:
         Nothing; the block runs under :func:`torch.autocast` (or unchanged for ``"32"``).
@@ -131,8 +117,8 @@ def autocast_context(device: str | torch.device, precision: str = "32") -> Itera
     Raises:
         MsfmInputError: For an unknown precision, or ``"bf16"`` on a CUDA device without bf16 support.
     """
-    prec = normalize_precision(precision)
     dev = device if isinstance(device, torch.device) else torch.device(device)
+    prec = normalize_precision(precision, dev)
     if prec == "32":
         yield
         return

@@ -28,7 +28,9 @@ from msfm.models.gest.data import cell_selection, spatial_cells
 from msfm.models.gest.files import DataLike, read_data
 from msfm.models.gest.generation import square_bounds
 from msfm.runtime.adata import check_key_added, field_key, obsm_key, store_uns
+from msfm.runtime.devices import autocast_context
 from msfm.runtime.h5ad import check_output, write_output
+from msfm.runtime.precision import canonical_precision, resolve_precision
 from msfm.runtime.progress import progress_bar
 from msfm.tokenizers.spatial import normalize_positions
 
@@ -146,6 +148,7 @@ def embed(
     key_added: str = "gest",
     batch_size: int = 64,
     device: str = "auto",
+    precision: str = "auto",
     progress: bool = True,
     copy: bool = False,
     out: str | os.PathLike[str] | None = None,
@@ -163,6 +166,9 @@ def embed(
         key_added: prefix of what is added (below).
         batch_size: niches per forward pass.
         device: ``auto``, ``cpu``, ``cuda``, ...
+        precision: ``auto`` (bf16 autocast where the device computes it fast, else fp32; see
+            :func:`msfm.runtime.precision.resolve_precision`), ``32``, ``bf16`` or ``16``; recorded in
+            ``uns[key_added]["embed"]["precision"]``.
         progress: show a progress bar.
         copy: work on a copy of ``data`` instead of ``data`` itself.
         out: also write the result to this ``.h5ad`` (atomically; never over the input).
@@ -179,15 +185,19 @@ def embed(
     """
     read = SpatialReadOptions.parse(
         read_options,
-        verb_parameters=("cells", "side_um", "max_cells", "key_added", "batch_size", "device", "copy", "out"),
-    )
+        verb_parameters=(
+            "cells", "side_um", "max_cells", "key_added", "batch_size", "device", "precision", "copy", "out",
+        ),
+    )  # fmt: skip
     key = check_key_added(key_added)
+    canonical_precision(precision)
     if max_cells < 1:
         msg = f"max_cells must be >= 1 (the centre cell); got {max_cells}."
         raise MsfmInputError(msg)
     target = check_output(out, overwrite=overwrite, data=data)
     adata = read_data(data, copy=copy)
     loaded = load(checkpoint, device=device)
+    choice = resolve_precision(precision, loaded.device)
     model = generative_model(loaded, "embed")
     prep = spatial_cells(adata, loaded.vocab.genes, read)
     tokens = loaded.vocab.assign(prep.expr)
@@ -196,9 +206,10 @@ def embed(
     )
     side = float(side_um or window_settings(loaded).side_um)
     seqs = niche_sequences(prep.xy, prep.section, centers, side_um=side, max_cells=max_cells)
-    hidden = niche_hidden(
-        model, prep.xy, tokens, seqs, side_um=side, batch_size=batch_size, progress=progress
-    )
+    with autocast_context(loaded.device, choice.precision):
+        hidden = niche_hidden(
+            model, prep.xy, tokens, seqs, side_um=side, batch_size=batch_size, progress=progress
+        )
     emb = np.full((adata.n_obs, hidden.shape[1]), np.nan, dtype=np.float32)
     emb[centers] = hidden
     n_nb = np.zeros(adata.n_obs, dtype=np.int64)
@@ -216,6 +227,7 @@ def embed(
             "n_embedded": int(centers.size),
             "checkpoint": str(loaded.path) if loaded.path else None,
             "gene_mapping": prep.mapping_report,
+            "precision": choice.record(),
         },
     )
     if (n_nb[centers] == 0).any():

@@ -26,7 +26,8 @@ from msfm.models.roam.feature_store import (
 )
 from msfm.models.roam.tables import SLIDE_ID, prob_column, slide_ids_from
 from msfm.runtime.atomic import atomic_write_text, check_output_free
-from msfm.runtime.devices import resolve_device
+from msfm.runtime.devices import autocast_context, resolve_device
+from msfm.runtime.precision import canonical_precision, resolve_precision
 from msfm.runtime.results import Result
 
 __all__ = [
@@ -51,12 +52,15 @@ class SlidePredictions(Result):
         class_names: Class names in logit order.
         task: Task name stored with the models (None if unknown).
         n_models: Models averaged.
+        precision: ``{"requested", "chosen", "reason"}`` of the run (see
+            :func:`msfm.runtime.precision.resolve_precision`).
     """
 
     table: pd.DataFrame
     class_names: list[str] = field(default_factory=list)
     task: str | None = None
     n_models: int = 1
+    precision: dict[str, str] = field(default_factory=dict)
 
 
 @torch.inference_mode()
@@ -136,6 +140,7 @@ def predict(
     *,
     slides: Any = None,
     device: str | torch.device = "auto",
+    precision: str = "auto",
     roi_chunk: int | None = None,
     skip_missing: bool = False,
     per_model: bool = False,
@@ -152,6 +157,9 @@ def predict(
         slides: Slide ids (list), a table with a ``slide_id`` column (DataFrame or CSV path), or None for every
             feature file in ``data``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+        precision: ``"auto"`` (bf16 autocast where the device computes it fast, else fp32; see
+            :func:`msfm.runtime.precision.resolve_precision`), ``"32"``, ``"bf16"`` or ``"16"``. The choice is
+            recorded in ``.precision`` and ``table.attrs["precision"]``.
         roi_chunk: Encode at most this many ROIs at once.
         skip_missing: Leave out slides without a feature file (warning) instead of raising.
         per_model: Also add ``m<i>_prob_<class>`` columns with each model's probabilities.
@@ -170,7 +178,9 @@ def predict(
             geometry are used with a ``UserWarning``.
     """
     out_path = check_file_out(out, overwrite=overwrite)
+    canonical_precision(precision)
     dev = resolve_device(device)
+    choice = resolve_precision(precision, dev)
     ids = list_feature_slides(data) if slides is None else slide_ids_from(slides)
     paths, _ = resolve_feature_files(ids, data, skip_missing=skip_missing)
     ens = ensemble_for(checkpoint, device=dev)
@@ -182,14 +192,17 @@ def predict(
         cache_bytes=cache_bytes,
         geometry=training_geometry(ens.metas),
     )
-    probs = predict_probabilities(ens.models, store, kept, device=dev, roi_chunk=roi_chunk)
+    with autocast_context(dev, choice.precision):
+        probs = predict_probabilities(ens.models, store, kept, device=dev, roi_chunk=roi_chunk)
     table = probability_table(kept, probs.mean(axis=0), ens.class_names)
     if per_model:
         for i in range(probs.shape[0]):
             for c, name in enumerate(ens.class_names):
                 table[prob_column(name, f"m{i}")] = probs[i, :, c]
     table["n_rois"] = [store.n_rois.get(s, 0) for s in kept]
-    table.attrs.update({"class_names": ens.class_names, "task": ens.task, "n_models": len(ens)})
+    table.attrs.update(
+        {"class_names": ens.class_names, "task": ens.task, "n_models": len(ens), "precision": choice.record()}
+    )
     if out_path is not None:
         write_csv(table, out_path)
-    return SlidePredictions(table, list(ens.class_names), ens.task, len(ens))
+    return SlidePredictions(table, list(ens.class_names), ens.task, len(ens), choice.record())

@@ -44,6 +44,7 @@ from msfm.runtime.checkpoint import save_checkpoint
 from msfm.runtime.devices import autocast_context
 from msfm.runtime.h5ad import write_output
 from msfm.runtime.loaded import Loaded
+from msfm.runtime.precision import canonical_precision, resolve_precision
 from msfm.runtime.progress import progress_bar
 from msfm.runtime.results import TrainResult
 from msfm.tokenizers.gene_panel import ScFoundationTokenizer, TargetDepth
@@ -222,7 +223,7 @@ def predict(
     key_added: str = "scfoundation",
     batch_size: int = 64,
     device: str = "auto",
-    precision: Precision = "32",
+    precision: str = "auto",
     progress: bool = True,
     copy: bool = False,
     out: str | os.PathLike[str] | None = None,
@@ -241,7 +242,8 @@ def predict(
         key_added: prefix of what is added.
         batch_size: cells per batch.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-        precision: ``32``, ``bf16`` or ``16`` (autocast).
+        precision: ``auto`` (bf16 where the device computes it fast, else fp32; the choice is recorded in
+            ``uns[key_added]["predict"]["precision"]``), ``32``, ``bf16`` or ``16`` (autocast).
         progress: show a progress bar.
         copy: add the results to a copy of an AnnData ``data``.
         out: also write the result to this ``.h5ad`` file (atomically).
@@ -252,6 +254,7 @@ def predict(
         The AnnData with the predictions.
     """
     check_key_added(key_added)
+    canonical_precision(precision)
     options = parse_read_options(predict, read_options)
     if out is not None:
         check_output_free(out, overwrite=overwrite)
@@ -262,6 +265,7 @@ def predict(
             "scFoundation model. Fit a classifier on it first, or use embed for embeddings."
         )
         raise CheckpointError(msg)
+    choice = resolve_precision(precision, loaded.device)
     spec: ClassifierCheckpointConfig = loaded.config
     adata = as_anndata(data, copy=copy)
     source, mapping = prepare_cells(adata, loaded.vocab, options)
@@ -271,7 +275,7 @@ def predict(
         mapping,
         pre_normalized=options.pre_normalized,
         batch_size=batch_size,
-        precision=precision,
+        precision=choice.precision,
         progress=progress,
     )
     classes = np.asarray(spec.classes)
@@ -285,6 +289,7 @@ def predict(
         mapping,
         source.kind,
         {"key_added": key_added, "labels_key": spec.labels_key, "target_depth": spec.target_depth},
+        choice,
     )
     store_uns(adata, key_added, "predict", {**record, "classes": list(spec.classes)})
     write_output(adata, out, data, replace=overwrite)

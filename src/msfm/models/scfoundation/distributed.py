@@ -17,11 +17,12 @@ import torch
 from anndata import AnnData
 
 from msfm.data import CellReadOptions, CellSource, GenePanel, prepare_cells, read
-from msfm.models.scfoundation.inference import Precision, encode_batch
+from msfm.models.scfoundation.inference import encode_batch
 from msfm.models.scfoundation.loading import CheckpointLike, backbone_of, load
 from msfm.models.scfoundation.provenance import uns_record
 from msfm.runtime.adata import field_key, obsm_key
 from msfm.runtime.devices import rank_world
+from msfm.runtime.precision import resolve_precision
 from msfm.tokenizers.gene_panel import ScFoundationTokenizer
 
 __all__ = ["embed_distributed"]
@@ -92,7 +93,7 @@ def embed_distributed(
     target_depth: str,
     pool: str,
     batch_size: int,
-    precision: Precision,
+    precision: str,
     progress: bool,
 ) -> AnnData:
     """The distributed path of :func:`msfm.models.scfoundation.embedding.embed` (arguments checked there)."""
@@ -108,8 +109,11 @@ def embed_distributed(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate, num_workers=num_workers
     )
 
+    # Decided once for the accelerator (every rank of one job runs on the same kind of device).
+    choice = resolve_precision(precision, accelerator)
+
     def predict(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden, t = encode_batch(model, batch, batch["values"].device, precision)
+        hidden, t = encode_batch(model, batch, batch["values"].device, choice.precision)
         pooled = model.pool_cell_embedding(hidden, t["gene_ids"], t["padding_mask"], mode=pool).float()
         # The zero-count flag rides along as the last column and is split off after the merge.
         return torch.cat([pooled, batch["zero_count"].to(pooled.dtype)[:, None]], dim=1)
@@ -129,7 +133,9 @@ def embed_distributed(
     if rank_world()[0] != 0:
         # Rank 0 writes the file; the other ranks hold no results, only where they are.
         other = AnnData(obs=pd.DataFrame(index=pd.Index(dataset.obs_names)))
-        other.uns[key_added] = {"embed": {"out": str(out), "params": record_params}}
+        other.uns[key_added] = {
+            "embed": {"out": str(out), "params": record_params, "precision": choice.record()}
+        }
         return other
     emb, zero = np.asarray(merged[:, :-1], dtype=np.float32), np.asarray(merged[:, -1]) > 0.5
     with H5adResultWriter(data, out, overwrite=overwrite) as writer:
@@ -138,6 +144,6 @@ def embed_distributed(
         col = writer.create_obs_column(field_key(key_added, "zero_count"), bool)
         writer.write_rows(col, np.arange(len(zero)), zero)
         kind = "normalized" if options.pre_normalized else "counts"
-        writer.write_uns(key_added, "embed", uns_record(loaded, dataset.mapping, kind, record_params))
+        writer.write_uns(key_added, "embed", uns_record(loaded, dataset.mapping, kind, record_params, choice))
     shutil.rmtree(parts, ignore_errors=True)
     return read(out, backed="r")

@@ -53,6 +53,7 @@ from msfm.runtime.adata import check_key_added, field_key, store_uns
 from msfm.runtime.atomic import atomic_write_json, atomic_write_text, check_output_free
 from msfm.runtime.checkpoint import load_checkpoint, save_checkpoint
 from msfm.runtime.h5ad import write_output
+from msfm.runtime.precision import canonical_precision, resolve_precision
 from msfm.runtime.results import TrainResult
 
 __all__ = ["DRUG_FAMILY", "drug_fit", "drug_predict"]
@@ -77,8 +78,12 @@ def cell_embeddings(
     device: str,
     progress: bool,
     what: str = "data",
+    precision: str = "32",
 ) -> tuple[np.ndarray, EmbeddingSettings]:
-    """``[n, d]`` float32 cell embeddings from ``obsm[use_rep]``, or computed with the backbone ``checkpoint``."""
+    """``[n, d]`` float32 cell embeddings from ``obsm[use_rep]``, or computed with the backbone ``checkpoint``.
+
+    ``precision`` is that of the embedding pass; the training verbs keep fp32, ``drug_predict`` passes its own.
+    """
     if use_rep is not None:
         if use_rep not in adata.obsm:
             msg = (
@@ -104,6 +109,7 @@ def cell_embeddings(
         target_depth=target_depth,
         pool=pool,  # type: ignore[arg-type]
         device=device,
+        precision=precision,
         progress=progress,
         copy=True,
         **read_options,
@@ -541,7 +547,7 @@ def drug_predict(
     drug_column: str = "drug_id",
     batch_size: int = 1024,
     device: str = "auto",
-    precision: str = "32",
+    precision: str = "auto",
     progress: bool = True,
     copy: bool = False,
     out: PathLike | None = None,
@@ -563,7 +569,9 @@ def drug_predict(
         use_rep: embeddings from ``obsm[use_rep]`` (default: the model's own setting; computed with its backbone).
         backbone: scFoundation checkpoint for the embeddings (default: the one recorded at training).
         batch_size: pairs per forward pass.
-        device, precision: where the embedding pass and the head run (``precision`` applies to the embedding).
+        device, precision: where the embedding pass and the head run (``precision`` applies to the embedding;
+            ``auto`` picks bf16 where the device computes it fast, else fp32, recorded in
+            ``uns[key_added]["drug_predict"]["precision"]``).
         progress, copy, out, overwrite: as in ``embed``.
         **read_options: :class:`msfm.data.CellReadOptions` (default: the ones used at training).
 
@@ -571,6 +579,7 @@ def drug_predict(
         The AnnData with the predictions.
     """
     check_key_added(key_added)
+    canonical_precision(precision)
     parse_read_options(drug_predict, read_options)
     if out is not None:
         check_output_free(out, overwrite=overwrite)
@@ -591,6 +600,10 @@ def drug_predict(
         if backbone is None or not Path(backbone).exists():
             msg = f"The model's backbone {emb_cfg.backbone!r} is not available here; pass backbone=... (CLI --backbone) or use_rep=..."
             raise CheckpointError(msg)
+    from msfm.runtime.devices import resolve_device
+
+    dev = resolve_device(device)
+    choice = resolve_precision(precision, dev)
     emb, _ = cell_embeddings(
         adata,
         backbone,
@@ -600,6 +613,7 @@ def drug_predict(
         read_options=read,
         device=device,
         progress=progress,
+        precision=choice.precision,
     )
     if emb.shape[1] != spec.head.cell_dim:
         msg = (
@@ -618,9 +632,6 @@ def drug_predict(
         flat = wanted["cell_line"].map(cidx).to_numpy() * m + wanted["drug_id"].map(table.index()).to_numpy()
         keep[:] = False
         keep[flat.astype(np.int64)] = True
-    from msfm.runtime.devices import resolve_device
-
-    dev = resolve_device(device)
     values = np.full(n * m, np.nan)
     values[keep] = _predict_pairs(net, emb, fps, ci[keep], di[keep], batch_size=batch_size, device=dev)
     frame = pd.DataFrame(values.reshape(n, m), index=adata.obs_names.copy(), columns=list(table.ids))
@@ -632,6 +643,7 @@ def drug_predict(
         "n_pairs": int(keep.sum()),
         "key_added": key_added,
         "unit": "ln(IC50)",
+        "precision": choice.record(),
     }
     store_uns(adata, key_added, "drug_predict", record)
     write_output(adata, out, data, replace=overwrite)

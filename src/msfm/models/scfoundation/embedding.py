@@ -31,6 +31,7 @@ from msfm.runtime.adata import check_key_added, field_key, obsm_key, store_uns
 from msfm.runtime.atomic import check_output_free
 from msfm.runtime.h5ad import write_output
 from msfm.runtime.loaded import Loaded
+from msfm.runtime.precision import PrecisionChoice, canonical_precision, resolve_precision
 from msfm.runtime.progress import progress_bar
 from msfm.tokenizers.gene_panel import TargetDepth
 
@@ -51,7 +52,7 @@ def embed(
     batch_size: int = 64,
     max_tokens: int | None = 65536,
     device: str = "auto",
-    precision: Precision = "32",
+    precision: str = "auto",
     progress: bool = True,
     copy: bool = False,
     out: str | os.PathLike[str] | None = None,
@@ -88,7 +89,10 @@ def embed(
         pool: ``all`` = concat[S, T, max, mean] (4 x dim); ``max`` = max over all tokens (dim).
         batch_size: cells per batch; ``max_tokens`` caps cells x longest length per batch.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (in memory and streamed).
-        precision: ``32``, ``bf16`` or ``16`` (autocast; see docs/benchmarks.md for the agreement with fp32).
+        precision: ``auto`` (bf16 where the device computes it fast, else fp32; see
+            :func:`msfm.runtime.precision.resolve_precision`), ``32``, ``bf16`` or ``16`` (autocast; see
+            docs/benchmarks.md for the agreement with fp32). The choice is recorded in
+            ``uns[key_added]["embed"]["precision"]``.
         progress: show a progress bar.
         copy: add the results to a copy of an AnnData ``data`` instead of ``data`` itself.
         out: also write the result to this ``.h5ad`` file (atomically).
@@ -117,6 +121,7 @@ def embed(
         msg = f"pool must be 'all' or 'max', got {pool!r}."
         raise MsfmInputError(msg)
     TargetDepth.parse(target_depth)  # fail before loading anything
+    canonical_precision(precision)
     options = parse_read_options(embed, read_options)
     if out is not None:
         check_output_free(out, overwrite=overwrite)
@@ -164,16 +169,20 @@ def embed(
             **{k: run[k] for k in ("target_depth", "pool", "batch_size", "precision", "progress")},
         )
     loaded = backbone_of(load(checkpoint, device=device))
+    choice = resolve_precision(precision, loaded.device)
+    run["precision"] = choice.precision
     path = h5ad_file(data)
     if out is not None and path is not None:
-        return _embed_streamed(path, Path(out), loaded, options, key_added, params, run, overwrite=overwrite)
+        return _embed_streamed(
+            path, Path(out), loaded, options, key_added, params, run, choice, overwrite=overwrite
+        )
     adata = as_anndata(data, copy=copy)
     source, mapping = prepare_cells(adata, loaded.vocab, options)
     emb, zero = embed_source(loaded, source, mapping, pre_normalized=options.pre_normalized, **run)
     adata.obsm[obsm_key(key_added)] = emb
     adata.obs[field_key(key_added, "zero_count")] = zero
     _warn_zero(zero, key_added)
-    store_uns(adata, key_added, "embed", uns_record(loaded, mapping, source.kind, params))
+    store_uns(adata, key_added, "embed", uns_record(loaded, mapping, source.kind, params, choice))
     write_output(adata, out, data, replace=overwrite)
     return adata
 
@@ -195,6 +204,7 @@ def _embed_streamed(
     key_added: str,
     params: dict[str, Any],
     run: dict[str, Any],
+    choice: PrecisionChoice,
     *,
     overwrite: bool,
 ) -> AnnData:
@@ -221,7 +231,7 @@ def _embed_streamed(
                 **run,
             )
             writer.write_rows(col, np.arange(len(zero)), zero)
-            record = uns_record(loaded, mapping, source.kind, {**params, "streamed": True})
+            record = uns_record(loaded, mapping, source.kind, {**params, "streamed": True}, choice)
             writer.write_uns(key_added, "embed", record)
     finally:
         if adata.isbacked:

@@ -11,12 +11,12 @@ from anndata import AnnData
 from msfm.data import as_anndata, prepare_cells
 from msfm.models.scfoundation._io import parse_read_options
 from msfm.models.scfoundation.decoding import decode_batches
-from msfm.models.scfoundation.inference import Precision
 from msfm.models.scfoundation.loading import CheckpointLike, backbone_of, load
 from msfm.models.scfoundation.provenance import uns_record
 from msfm.runtime.adata import check_key_added, field_key, store_uns
 from msfm.runtime.atomic import check_output_free
 from msfm.runtime.h5ad import write_output
+from msfm.runtime.precision import canonical_precision, resolve_precision
 from msfm.tokenizers.gene_panel import TargetDepth
 
 __all__ = ["enhance"]
@@ -30,7 +30,7 @@ def enhance(
     target_depth: str = "a1",
     batch_size: int = 8,
     device: str = "auto",
-    precision: Precision = "32",
+    precision: str = "auto",
     progress: bool = True,
     copy: bool = False,
     out: str | os.PathLike[str] | None = None,
@@ -55,7 +55,8 @@ def enhance(
         target_depth: ``aY`` (T = S + Y), ``fX`` or ``tN``; see ``embed``.
         batch_size: cells per decoder batch (the decoder spans the whole panel).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-        precision: ``32``, ``bf16`` or ``16`` (autocast).
+        precision: ``auto`` (bf16 where the device computes it fast, else fp32; the choice is recorded in
+            ``uns[key_added]["enhance"]["precision"]``), ``32``, ``bf16`` or ``16`` (autocast).
         progress: show a progress bar.
         copy: add the results to a copy of an AnnData ``data``.
         out: also write the result to this ``.h5ad`` file (atomically).
@@ -67,11 +68,13 @@ def enhance(
     """
     check_key_added(key_added)
     TargetDepth.parse(target_depth)
+    canonical_precision(precision)
     options = parse_read_options(enhance, read_options)
     if out is not None:
         check_output_free(out, overwrite=overwrite)
     adata = as_anndata(data, copy=copy)
     loaded = backbone_of(load(checkpoint, device=device))
+    choice = resolve_precision(precision, loaded.device)
     source, mapping = prepare_cells(adata, loaded.vocab, options)
     result = np.zeros((adata.n_obs, adata.n_vars), dtype=np.float32)
     src_cols = np.flatnonzero(mapping.input_to_panel >= 0)
@@ -82,7 +85,7 @@ def enhance(
         mapping,
         target_depth=target_depth,
         batch_size=batch_size,
-        precision=precision,
+        precision=choice.precision,
         pre_normalized=options.pre_normalized,
         head=True,
         progress=progress,
@@ -101,6 +104,6 @@ def enhance(
         "pre_normalized": options.pre_normalized,
         "layer": options.layer,
     }
-    store_uns(adata, key_added, "enhance", uns_record(loaded, mapping, source.kind, params))
+    store_uns(adata, key_added, "enhance", uns_record(loaded, mapping, source.kind, params, choice))
     write_output(adata, out, data, replace=overwrite)
     return adata

@@ -18,10 +18,10 @@ from msfm.data import GenePanel, as_anndata, prepare_cells
 from msfm.errors import MsfmInputError
 from msfm.models.scfoundation._io import parse_read_options
 from msfm.models.scfoundation.decoding import decode_batches
-from msfm.models.scfoundation.inference import Precision
 from msfm.models.scfoundation.loading import CheckpointLike, backbone_of, load
 from msfm.runtime.atomic import atomic_path, check_free_space, check_output_free
 from msfm.runtime.h5ad import open_hdf5
+from msfm.runtime.precision import canonical_precision, resolve_precision
 from msfm.runtime.results import Result
 from msfm.tokenizers.gene_panel import TargetDepth
 
@@ -67,7 +67,7 @@ def embed_genes(
     target_depth: str = "t4",
     batch_size: int = 4,
     device: str = "auto",
-    precision: Precision = "32",
+    precision: str = "auto",
     max_in_memory_gb: float = 2.0,
     progress: bool = True,
     **read_options: Any,
@@ -85,7 +85,8 @@ def embed_genes(
         target_depth: see ``embed``.
         batch_size: cells per decoder batch.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-        precision: ``32``, ``bf16`` or ``16`` (autocast).
+        precision: ``auto`` (bf16 where the device computes it fast, else fp32; the choice is recorded in
+            ``params["precision"]`` as ``{"requested", "chosen", "reason"}``), ``32``, ``bf16`` or ``16`` (autocast).
         max_in_memory_gb: largest result kept in memory.
         progress: show a progress bar.
         **read_options: :class:`msfm.data.CellReadOptions`.
@@ -101,11 +102,13 @@ def embed_genes(
             appeared while this run computed and ``overwrite`` is False (with it, the last writer wins).
     """
     TargetDepth.parse(target_depth)
+    canonical_precision(precision)
     options = parse_read_options(embed_genes, read_options)
     if out is not None:
         check_output_free(out, overwrite=overwrite)
     adata = as_anndata(data)
     loaded = backbone_of(load(checkpoint, device=device))
+    choice = resolve_precision(precision, loaded.device)
     rows = select_cells(adata, cells)
     gene_names, gene_idx = _select_genes(loaded.vocab, genes)
     dim = loaded.config.decoder_dim
@@ -130,7 +133,7 @@ def embed_genes(
         mapping,
         target_depth=target_depth,
         batch_size=batch_size,
-        precision=precision,
+        precision=choice.precision,
         pre_normalized=options.pre_normalized,
         head=False,
         progress=progress,
@@ -138,7 +141,7 @@ def embed_genes(
         rows=np.sort(rows),
     )
     cell_names = tuple(str(c) for c in adata.obs_names[rows])
-    params = {"target_depth": target_depth, "precision": precision, "checkpoint": str(loaded.path)}
+    params = {"target_depth": target_depth, "precision": choice.record(), "checkpoint": str(loaded.path)}
     shape = (len(rows), len(gene_idx), dim)
     if out is None:
         result = np.zeros(shape, dtype=np.float32)
@@ -156,6 +159,7 @@ def embed_genes(
         h5.create_dataset("cells", data=np.array(cell_names, dtype=object), dtype=h5py.string_dtype())
         h5.attrs["target_depth"] = target_depth
         h5.attrs["checkpoint"] = str(loaded.path)
+        h5.attrs["precision"] = choice.precision
         for src_rows, z in decoded:
             for r, zi in zip(src_rows, z):
                 ds[caller_pos[int(r)]] = zi[gene_idx]

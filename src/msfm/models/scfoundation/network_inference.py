@@ -43,6 +43,7 @@ from msfm.runtime.adata import check_key_added, field_key, obsm_key, store_uns
 from msfm.runtime.atomic import atomic_write_text, check_output_free
 from msfm.runtime.h5ad import write_output
 from msfm.runtime.loaded import Loaded
+from msfm.runtime.precision import canonical_precision, resolve_precision
 from msfm.tokenizers.gene_panel import TargetDepth
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def gene_network(
     target_depth: str = "f1",
     batch_size: int = 4,
     device: str = "auto",
-    precision: Precision = "32",
+    precision: str = "auto",
     seed: int = 0,
     progress: bool = True,
     out: str | os.PathLike[str] | None = None,
@@ -150,6 +151,7 @@ def gene_network(
         )
         raise MsfmInputError(msg)
     TargetDepth.parse(target_depth)
+    canonical_precision(precision)
     options = parse_read_options(gene_network, read_options)
     sets = as_gene_sets(gene_sets) if gene_sets is not None else None
     if genes is not None:
@@ -159,6 +161,7 @@ def gene_network(
         check_output_free(enrichment_csv_path(out), overwrite=overwrite)
     adata = as_anndata(data)
     loaded = backbone_of(load(checkpoint, device=device))
+    choice = resolve_precision(precision, loaded.device)
     rows = np.sort(_cell_rows(adata, cells))
     if rows.size == 0:
         given = f"cells={dict(cells)!r}" if isinstance(cells, Mapping) else "cells="
@@ -191,7 +194,7 @@ def gene_network(
             idx,
             target_depth,
             batch_size,
-            precision,
+            choice.precision,
             options.pre_normalized,
             progress,
         )
@@ -227,7 +230,7 @@ def gene_network(
         "pre_normalized": options.pre_normalized,
         "layer": options.layer,
     }
-    record = uns_record(loaded, mapping, source.kind, params)
+    record = uns_record(loaded, mapping, source.kind, params, choice)
     record["modules"] = {
         method: {"n_modules": res.n_modules, "sizes": res.sizes().tolist()} for method, res in found.items()
     }

@@ -60,6 +60,7 @@ from msfm.runtime.config import checkpoint_config, settings_error
 from msfm.runtime.devices import autocast_context, resolve_device
 from msfm.runtime.h5ad import write_output
 from msfm.runtime.loaded import Loaded
+from msfm.runtime.precision import canonical_precision, resolve_precision
 from msfm.runtime.results import TrainResult
 
 __all__ = ["PERTURB_FAMILY", "load_perturb", "perturb", "perturb_fit"]
@@ -659,7 +660,7 @@ def perturb(
     per_cell: bool = False,
     batch_size: int = 8,
     device: str = "auto",
-    precision: Precision = "32",
+    precision: str = "auto",
     progress: bool = True,
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
@@ -686,6 +687,7 @@ def perturb(
         ``layers["control"]`` = the control mean (or the control cell), ``uns[key]["perturb"]``.
     """
     check_key_added(key_added)
+    canonical_precision(precision)
     options = parse_read_options(perturb, read_options)
     if options.pre_normalized:
         msg = "perturb needs raw counts (T = S uses each cell's raw total); pass the counts, not pre_normalized=True."
@@ -693,6 +695,7 @@ def perturb(
     if out is not None:
         check_output_free(out, overwrite=overwrite)
     loaded = load_perturb(checkpoint, device=device)
+    choice = resolve_precision(precision, loaded.device)
     cfg: PerturbCheckpointConfig = loaded.config
     wanted = _requested_conditions(cfg, conditions)
     adata = as_anndata(data)
@@ -750,11 +753,11 @@ def perturb(
             rows,
             gene_pos,
             batch_size=batch_size,
-            precision=precision,
+            precision=choice.precision,
             progress=progress,
         )
         expr = _expression(source, mapping, rows, gene_pos)
-        with autocast_context(loaded.device, precision):
+        with autocast_context(loaded.device, choice.precision):
             for ci, c in enumerate(wanted):
                 pred = _predict_cells(head, ctx, expr, tokens[ci])
                 base = {"condition": c, **({cfg.match_key: g} if cfg.match_key else {})}
@@ -788,6 +791,7 @@ def perturb(
             "target_depth": cfg.target_depth,
             "max_control_cells": cfg.max_control_cells,
             "values": "log1p CP10k over the panel total",
+            "precision": choice.record(),
         },
     )
     write_output(result, out, data, replace=overwrite)

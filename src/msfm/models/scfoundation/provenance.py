@@ -6,6 +6,7 @@ from typing import Any
 
 from msfm.data import GeneMapping
 from msfm.runtime.loaded import Loaded
+from msfm.runtime.precision import PrecisionChoice
 
 __all__ = ["preprocessing_record", "uns_record"]
 
@@ -24,9 +25,17 @@ def preprocessing_record(pre_normalized: bool = False, panel_name: str = "scfoun
     }
 
 
-def uns_record(loaded: Loaded, mapping: GeneMapping, kind: str, params: dict[str, Any]) -> dict[str, Any]:
-    """``uns[key_added][verb]``: parameters, input kind (``counts``/``normalized``), checkpoint, gene mapping."""
-    return {
+def uns_record(
+    loaded: Loaded,
+    mapping: GeneMapping,
+    kind: str,
+    params: dict[str, Any],
+    precision: PrecisionChoice | None = None,
+) -> dict[str, Any]:
+    """``uns[key_added][verb]``: parameters, input kind (``counts``/``normalized``), checkpoint, gene mapping, and
+    the precision that ran (``{"requested", "chosen", "reason"}``, see :func:`msfm.runtime.precision.resolve_precision`).
+    """
+    record = {
         "params": params,
         "input": {"kind": kind},
         "checkpoint": {
@@ -36,3 +45,6 @@ def uns_record(loaded: Loaded, mapping: GeneMapping, kind: str, params: dict[str
         },
         "gene_mapping": mapping.to_uns(),
     }
+    if precision is not None:
+        record["precision"] = precision.record()
+    return record

@@ -47,8 +47,10 @@ from msfm.models.scmulan.loading import Checkpoint, load
 from msfm.models.scmulan.smoothing import smooth_labels
 from msfm.models.scmulan.verb_io import check_positive, record, split_options
 from msfm.runtime.adata import check_key_added, field_key, obsm_key, store_uns
+from msfm.runtime.devices import autocast_context
 from msfm.runtime.h5ad import check_output, write_output
 from msfm.runtime.loaded import Loaded
+from msfm.runtime.precision import canonical_precision, resolve_precision
 from msfm.tokenizers.cell_sentence import ANNOTATE, ORGAN_REGION, CellSentenceVocab
 
 __all__ = ["embed", "predict"]
@@ -78,6 +80,7 @@ def predict(
     smoothing_threshold: float = 0.1,
     decoding: DecodeOptions | None = None,
     device: str = "auto",
+    precision: str = "auto",
     batch_size: int = 32,
     max_tokens: int | None = 32768,
     progress: bool = True,
@@ -120,6 +123,9 @@ def predict(
             ``repeat_mask=`` (default ``"official"``: the release's non-cached model, fine may equal coarse) as
             keyword arguments.
         device: ``"auto"``, ``"cpu"``, ``"cuda:1"`` ...
+        precision: ``"auto"`` (bf16 autocast where the device computes it fast, else fp32; see
+            :func:`msfm.runtime.precision.resolve_precision`), ``"32"``, ``"bf16"`` or ``"16"``. The choice is
+            recorded in ``uns[key_added]["predict"][target]["precision"]``.
         batch_size: cells per batch (``max_tokens`` caps cells x longest prompt per batch).
         progress: show a progress bar.
         copy: work on a copy of ``data`` instead of writing into it.
@@ -138,6 +144,7 @@ def predict(
         msg = f"target must be 'cell_type' (coarse and fine cell type) or 'organ' (organ and region), got {target!r}."
         raise MsfmInputError(msg)
     embedding = check_embedding(embedding)
+    canonical_precision(precision)
     if target == "organ" and smoothing:
         msg = "smoothing applies to cell-type labels; use target='cell_type' or smoothing=False."
         raise MsfmInputError(msg)
@@ -152,24 +159,27 @@ def predict(
     target_path = check_output(out, overwrite=overwrite, data=data)
     adata = as_anndata(data, copy=copy)
     loaded = load(checkpoint, device=device)
-    if target == "cell_type":
-        _cell_types(
-            adata,
-            loaded,
-            key,
-            opts,
-            read,
-            float(threshold),
-            meta,
-            embedding,
-            batch_size,
-            max_tokens,
-            progress,
-        )
-        if smoothing:
-            smooth_labels(adata, key_added=key, n_neighbors=n_neighbors, threshold=smoothing_threshold)
-    else:
-        _organs(adata, loaded, key, opts, read, float(threshold), meta, batch_size, max_tokens, progress)
+    choice = resolve_precision(precision, loaded.device)
+    with autocast_context(loaded.device, choice.precision):
+        if target == "cell_type":
+            _cell_types(
+                adata,
+                loaded,
+                key,
+                opts,
+                read,
+                float(threshold),
+                meta,
+                embedding,
+                batch_size,
+                max_tokens,
+                progress,
+            )
+        else:
+            _organs(adata, loaded, key, opts, read, float(threshold), meta, batch_size, max_tokens, progress)
+    adata.uns[key]["predict"][target]["precision"] = choice.record()
+    if smoothing:
+        smooth_labels(adata, key_added=key, n_neighbors=n_neighbors, threshold=smoothing_threshold)
     write_output(adata, target_path, data, replace=overwrite)
     return adata
 
@@ -402,6 +412,7 @@ def embed(
     meta: Mapping[str, str] | None = None,
     decoding: DecodeOptions | None = None,
     device: str = "auto",
+    precision: str = "auto",
     batch_size: int = 32,
     max_tokens: int | None = 32768,
     progress: bool = True,
@@ -422,23 +433,26 @@ def embed(
     """
     key = check_key_added(key_added)
     embedding = check_embedding(embedding)
+    canonical_precision(precision)
     opts, read = split_options(embed, options, decode=DECODE, defaults=DEFAULTS, base=decoding)
     batch_size = check_positive(batch_size, "batch_size")
     target_path = check_output(out, overwrite=overwrite, data=data)
     adata = as_anndata(data, copy=copy)
     loaded = load(checkpoint, device=device)
-    dec, mapping, kind = decode_cell_types(
-        adata,
-        loaded,
-        opts,
-        read,
-        meta=meta,
-        embedding=embedding,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        progress=progress,
-        steps=None if embedding == "official" else 1,  # prompt states need no decoding beyond the prefill
-    )
+    choice = resolve_precision(precision, loaded.device)
+    with autocast_context(loaded.device, choice.precision):
+        dec, mapping, kind = decode_cell_types(
+            adata,
+            loaded,
+            opts,
+            read,
+            meta=meta,
+            embedding=embedding,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            progress=progress,
+            steps=None if embedding == "official" else 1,  # prompt states need no decoding beyond the prefill
+        )
     assert dec.embedding is not None
     empty = dec.n_genes == 0
     dec.embedding[empty] = 0.0
@@ -452,6 +466,6 @@ def embed(
         "pre_normalized": read.pre_normalized,
         "n_empty_cells": int(empty.sum()),
     }
-    store_uns(adata, key, "embed", record(loaded, params, mapping, kind))
+    store_uns(adata, key, "embed", {**record(loaded, params, mapping, kind), "precision": choice.record()})
     write_output(adata, target_path, data, replace=overwrite)
     return adata
