@@ -7,7 +7,6 @@ set ``MSFM_DEBUG=1`` to see the traceback.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import sys
 
@@ -15,10 +14,12 @@ import typer
 
 from msfm._version import __version__
 from msfm.cli.gest import app as gest_app
+from msfm.cli.logging_setup import configure_logging
 from msfm.cli.roam import app as roam_app
 from msfm.cli.scfoundation import app as scfoundation_app
 from msfm.cli.scmulan import app as scmulan_app
 from msfm.cli.tools import bench_app, datasets_app, demo
+from msfm.cli.weights import app as weights_app
 
 app = typer.Typer(
     name="msfm",
@@ -27,12 +28,42 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"msfm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the msfm version and exit."
+    ),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        help="Also show Lightning's start-up messages, model summaries and configuration warnings "
+        "(or set MSFM_VERBOSE=1).",
+    ),
+    quiet: bool = typer.Option(
+        False,
+        "--quiet",
+        help="Show only warnings and errors (or set MSFM_QUIET=1); progress bars are per verb.",
+    ),
+) -> None:
+    """Multiscale biological foundation models: scFoundation, scMulan, ROAM, GeST."""
+    configure_logging(verbose=verbose, quiet=quiet)
+
+
 app.add_typer(scfoundation_app, name="scfoundation")
 app.add_typer(scmulan_app, name="scmulan")
 app.add_typer(roam_app, name="roam")
 app.add_typer(gest_app, name="gest")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(bench_app, name="bench")
+app.add_typer(weights_app, name="weights")
 app.command("demo")(demo)
 
 
@@ -77,11 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     from msfm.errors import CheckpointError, MsfmInputError
 
-    logging.basicConfig(
-        level=os.environ.get("MSFM_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    configure_logging()  # from the environment; the root options (--verbose, --quiet) refine it
     try:
         rc = app(args=argv, standalone_mode=False)
         # Without standalone mode click returns the code of `typer.Exit(n)` instead of exiting with it.

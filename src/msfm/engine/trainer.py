@@ -38,7 +38,13 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    Callback,
+    ModelCheckpoint,
+    ModelSummary,
+    RichModelSummary,
+    RichProgressBar,
+)
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -531,6 +537,31 @@ def _progress_bar(choice: bool | str) -> Callback | None:
     return TQDMProgressBar()
 
 
+def _lightning_info_enabled() -> bool:
+    return logging.getLogger("lightning.pytorch").isEnabledFor(logging.INFO)
+
+
+class _LevelAwareSummary(ModelSummary):
+    """Lightning's parameter table, printed only while the ``lightning.pytorch`` logger lets INFO through."""
+
+    def on_fit_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if _lightning_info_enabled():
+            super().on_fit_start(trainer, pl_module)
+
+
+class _LevelAwareRichSummary(RichModelSummary):
+    """The rich table, which Lightning prints straight to the console; tied to the logger's level the same way, so
+    one setting (the CLI's ``--verbose``) decides about it together with Lightning's other start-up messages."""
+
+    def on_fit_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if _lightning_info_enabled():
+            super().on_fit_start(trainer, pl_module)
+
+
+def _model_summary(bar: Callback | None) -> Callback:
+    return _LevelAwareRichSummary() if isinstance(bar, RichProgressBar) else _LevelAwareSummary()
+
+
 def _build_strategy(
     options: TrainerOptions, fsdp_wrap_layers: Collection[type[nn.Module]] | None
 ) -> str | lightning.pytorch.strategies.Strategy:
@@ -614,6 +645,8 @@ def build_trainer(
     bar = _progress_bar(opts.progress_bar)
     if bar is not None:
         all_callbacks.append(bar)
+    if opts.model_summary and not any(isinstance(cb, ModelSummary) for cb in callbacks):
+        all_callbacks.append(_model_summary(bar))
     all_callbacks.extend(callbacks)
 
     strategy = _build_strategy(opts, fsdp_wrap_layers)

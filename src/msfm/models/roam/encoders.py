@@ -497,7 +497,8 @@ def _build_resnet50_trunc(
             "Encoder resnet50_trunc needs ImageNet weights from a local file: pass weights=PATH (--weights PATH), "
             "a torchvision resnet50 state dict such as resnet50-11ad3fa6.pth or resnet50-19c8e357.pth. msfm "
             "downloads nothing. Without weights, use encoder 'colour_stats' (weight-free); random_init=True is "
-            "for speed tests only (its features are meaningless)."
+            "for speed tests only (its features are meaningless). Where to download the weights: docs/weights.md "
+            "or `msfm weights list`."
         )
         raise MsfmInputError(msg)
     with torch.random.fork_rng(devices=[]):
