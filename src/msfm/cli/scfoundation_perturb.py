@@ -126,7 +126,7 @@ def perturb(
     quiet: Quiet = False,
 ) -> None:
     """Predict post-perturbation expression from the control cells of DATA; writes an .h5ad."""
-    from msfm.models.scfoundation.perturbation import perturb as _perturb
+    from msfm.models.scfoundation.perturb_predict import perturb as _perturb
 
     result = _perturb(
         data,

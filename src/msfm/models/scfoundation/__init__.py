@@ -41,7 +41,7 @@ _API = {
     "fit_classifier": "msfm.models.scfoundation.annotation",
     "predict": "msfm.models.scfoundation.annotation",
     "perturb_fit": "msfm.models.scfoundation.perturbation",
-    "perturb": "msfm.models.scfoundation.perturbation",
+    "perturb": "msfm.models.scfoundation.perturb_predict",
     "gene_network": "msfm.models.scfoundation.network_inference",
     "drug_fit": "msfm.models.scfoundation.drug_response",
     "drug_predict": "msfm.models.scfoundation.drug_response",
