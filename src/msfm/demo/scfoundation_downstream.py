@@ -218,6 +218,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
         perturbation["table"],
         metrics=("pearson_delta", "pearson_delta_top20_de", "pearson_top20_de"),
         title=f"Stimulated {HELD_OUT[1]} (never seen stimulated): model vs baselines",
+        ylabel="Pearson correlation",
         save=fig_dir / "perturbation.png",
     )
 

@@ -82,9 +82,13 @@ def metric_bars(
     *,
     metrics: Sequence[str] = ("ari", "nmi"),
     title: str = "",
+    ylabel: str = "score",
     save: str | os.PathLike[str] | None = None,
 ):
-    """Grouped bars: one group per method (rows of ``table``), one bar per metric."""
+    """Grouped bars: one group per method (rows of ``table``), one bar per metric.
+
+    The y axis spans 0 to 1 and extends below 0 when a value is negative (a negative correlation is shown, not cut).
+    """
     plt = _pyplot()
     methods = list(table)
     x = np.arange(len(methods))
@@ -103,9 +107,14 @@ def metric_bars(
                 fontsize=7,
             )
     ax.set_xticks(x, methods, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
+    values = np.array([table[k].get(m, np.nan) for k in methods for m in metrics], dtype=float)
+    low = float(np.nanmin(values)) if np.isfinite(values).any() else 0.0
+    ax.set_ylim(min(0.0, low - 0.1), 1.05)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, frameon=False)
+    # Outside the axes, so the legend never covers a bar.
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     _save(fig, save)
     return fig
