@@ -30,6 +30,14 @@ def _seed() -> None:
     np.random.seed(0)  # noqa: NPY002 - only for third-party code that uses the global state
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warn_once() -> None:
+    # warn_once remembers messages per process; each test starts as a fresh process would, so pytest.warns holds.
+    from msfm.runtime.warn_once import _reset_for_tests
+
+    _reset_for_tests()
+
+
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES

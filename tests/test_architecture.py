@@ -96,7 +96,7 @@ def test_no_forbidden_import() -> None:
         ("msfm.nn.attention", "from msfm.data import CellSource\n"),
         ("msfm.models.gest.api", "def f():\n    from msfm.models.scmulan import api\n"),
         ("msfm.runtime.atomic", "import msfm.engine.trainer\n"),
-        ("msfm.pl.spatial", "from msfm import roam\n"),
+        ("msfm.pl.spatial_figures", "from msfm import roam\n"),
         ("msfm.engine.trainer", "from ..cli import main\n"),
     ],
 )

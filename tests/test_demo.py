@@ -16,11 +16,22 @@ from msfm.cli import main
 def test_quick_demo_writes_report(tmp_path, capsys):
     main(["demo", "--quick", "-o", str(tmp_path)])  # returns on success (an error exits with status 2)
     report = tmp_path / "report.md"
-    assert capsys.readouterr().out.strip().endswith(f"report: {report}")
+    assert f"report: {report}" in capsys.readouterr().out
     text = report.read_text()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for section in ("Pretraining", "Embedding and clustering", "Read-depth enhancement", "What this shows"):
+    for section in ("Pretraining", "Cell embeddings, clustered", "Read-depth enhancement", "## Glossary"):
         assert section in text
+    # Every table is followed by a plain reading, and the quick run says its numbers are meaningless.
+    assert text.count("How to read this.") >= 12
+    assert "Quick run" in text
+    assert "p 0.000" not in text
+    assert "<SPToken1>" not in text
+    # The HTML twin is one self-contained file: every figure inlined, nothing fetched.
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == text.count("![")
+    assert "figure not found" not in html
+    assert 'src="http' not in html
+    assert "<table>" in html
     for fig in ("umap_by_label.png", "clustering.png", "enhancement.png"):
         assert (tmp_path / "figures" / fig).stat().st_size > 10_000
     sf = metrics["scfoundation"]
@@ -58,7 +69,7 @@ def test_quick_demo_writes_report(tmp_path, capsys):
     }
     assert (tmp_path / "figures" / "perturbation.png").stat().st_size > 5_000
     # ROAM part
-    assert "## ROAM (whole-slide images; synthetic labels)" in text
+    assert "## ROAM: whole-slide images (synthetic labels)" in text
     rm = metrics["roam"]
     assert rm["labels_are_synthetic"] is True
     assert rm["n_slides_ok"] == rm["n_slides"] == 9
@@ -70,7 +81,7 @@ def test_quick_demo_writes_report(tmp_path, capsys):
         assert (tmp_path / "roam" / "heatmaps" / sid / "heatmap.png").stat().st_size > 5_000
     assert (tmp_path / "roam" / "cascade_predictions.csv").is_file()
     # GeST part
-    assert "## GeST (spatial transcriptomics)" in text
+    assert "## GeST: generating spatial transcriptomics" in text
     gm = metrics["gest"]
     assert set(gm["generation"]) == {"gest_pick", "gest_weighted", "mean", "knn"}
     # Quick mode (30 steps), measured 2026-12-02: rmse_all mean 0.2409 and kNN 0.2527 (the baselines are fixed by

@@ -30,10 +30,26 @@ run = run_cli
 # --- msfm datasets ---------------------------------------------------------------------------------------------
 
 
-def test_datasets_list_prints_one_json_line_per_dataset(capsys):
+def test_datasets_list_prints_a_readable_table(capsys):
     import msfm.datasets
 
     assert run("datasets", "list") == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["name", "kind", "size", "source", "licence"]
+    assert "{" not in out  # no raw JSON
+    pbmc = next(line for line in lines if line.startswith("pbmc68k "))
+    assert "700 x 765" in pbmc
+    assert "real" in pbmc
+    names = [line.split()[0] for line in lines[2:] if line.strip() and not line.startswith("msfm ")]
+    assert names == list(msfm.datasets.list_datasets())
+    assert "--json" in out
+
+
+def test_datasets_list_json_prints_one_json_line_per_dataset(capsys):
+    import msfm.datasets
+
+    assert run("datasets", "list", "--json") == 0
     lines = capsys.readouterr().out.strip().splitlines()
     rows = [json.loads(line) for line in lines]
     expected = msfm.datasets.list_datasets()
@@ -220,9 +236,15 @@ def test_demo_runs_every_part_and_writes_the_report(tmp_path, capsys, monkeypatc
     assert run("demo", "--quick", "-o", out) == 0
     assert order == [(p, out, True, 0) for p in PARTS]
     report = out / "report.md"
-    assert capsys.readouterr().out.strip() == f"report: {report}"
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"report: {report} (the same with figures inlined, one file: {out / 'report.html'})",
+        f"explore the slides, spots and cells in a browser: msfm view {out}",
+    ]
     text = report.read_text()
     assert text.startswith("# msfm demo report\n")
+    # The HTML twin carries the same sections.
+    html = (out / "report.html").read_text()
+    assert all(f"{p} section</h2>" in html for p in PARTS)
     positions = [text.index(f"## {p} section") for p in PARTS]
     assert positions == sorted(positions)
     metrics = json.loads((out / "metrics.json").read_text())

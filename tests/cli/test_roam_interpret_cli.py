@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -97,10 +98,13 @@ def test_heatmap_writes_every_output(workspace) -> None:
     )
     for sid, n_roi in (("s1", 6), ("s2", 4)):
         d = out / sid
-        for name in ("heatmap.png", "gallery.png", "scores.csv", "summary.json"):
+        for name in ("heatmap.png", "gallery.png", "scores.csv", "summary.json", "rois.h5ad"):
             assert (d / name).is_file(), name
-        heat = np.asarray(Image.open(d / "heatmap.png"))
-        assert heat.shape == (150, 200, 3)
+        # heatmap.png is a figure (thumbnail | overlay | colour bar); the thumbnail itself is in rois.h5ad.
+        assert Image.open(d / "heatmap.png").size[0] > 400
+        rois = anndata.read_h5ad(d / "rois.h5ad")
+        assert rois.uns["spatial"][sid]["images"]["hires"].shape == (150, 200, 3)
+        assert rois.n_obs == n_roi
         table = pd.read_csv(d / "scores.csv")
         assert list(table.columns) == ["roi", "x", "y", "score", "percentile", "rank"]
         assert len(table) == n_roi

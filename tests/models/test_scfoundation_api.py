@@ -257,6 +257,18 @@ def test_embed_out_streams_backed_h5ad_and_matches_memory(cells, ckpts, io, tmp_
     )
 
 
+def test_convert_records_checksum_and_how_the_file_was_recognised(ckpts, tmp_path, caplog):
+    from msfm.runtime.official_weights import file_sha256
+
+    meta = json.loads((ckpts["rde"] / "meta.json").read_text())["extra"]
+    assert meta["official_sha256"] == file_sha256(FIX / "tiny_official.ckpt")
+    assert meta["official_recognised_by"].startswith("its key layout")
+    with caplog.at_level("INFO", logger="msfm.runtime.official_weights"):
+        sf.convert(FIX / "tiny_official.ckpt", tmp_path / "g", variant="gene")
+    assert "official scFoundation models.ckpt, variant gene" in caplog.text
+    assert meta["official_sha256"] in caplog.text
+
+
 def test_convert_errors(tmp_path, ckpts):
     with pytest.raises(MsfmInputError, match="exists"):
         sf.convert(FIX / "tiny_official.ckpt", ckpts["cell"], variant="cell")

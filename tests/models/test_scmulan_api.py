@@ -78,6 +78,8 @@ def test_convert_records_provenance_and_refuses_overwrite(ckpt_dir, tmp_path):
     assert extra["source"] == "official scMulan"
     assert extra["official_file"] == "tiny_official.pt"
     assert extra["official_sha256"] == "d9f87d58ea43bb1d90473a230d894bf898383c95030f80d43183ed18fb9339e3"
+    # No checksum is published for ckpt_scMulan.pt: the record says the file was recognised by its layout.
+    assert extra["official_recognised_by"].startswith("its key layout")
     assert extra["vocabulary_sha256"] == CellSentenceVocab.official().sha256()
     with pytest.raises(MsfmInputError, match="already exists"):
         sm.convert(FIX / "tiny_official.pt", ckpt_dir)

@@ -19,6 +19,7 @@ from msfm.cli.roam import app as roam_app
 from msfm.cli.scfoundation import app as scfoundation_app
 from msfm.cli.scmulan import app as scmulan_app
 from msfm.cli.tools import bench_app, datasets_app, demo
+from msfm.cli.view import view
 from msfm.cli.weights import app as weights_app
 
 app = typer.Typer(
@@ -65,6 +66,19 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(bench_app, name="bench")
 app.add_typer(weights_app, name="weights")
 app.command("demo")(demo)
+app.command("view")(view)
+
+
+def _plain_help_text(typer_app: typer.Typer) -> None:
+    """Read every help text of ``typer_app`` and its sub-apps literally: with Rich markup on (typer's default),
+    ``obs["label"]`` or ``[a, b]`` in a docstring is taken for a markup tag and silently dropped from ``--help``."""
+    typer_app.rich_markup_mode = None
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _plain_help_text(group.typer_instance)
+
+
+_plain_help_text(app)
 
 
 @app.command("version")

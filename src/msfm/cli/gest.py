@@ -19,8 +19,8 @@ from msfm.cli.options import (
     Device,
     InitCheckpoint,
     KeyAdded,
-    Out,
     OutDir,
+    OutH5ad,
     Overwrite,
     Precision,
     Preset,
@@ -188,7 +188,7 @@ def train(
 def generate(
     data: Data,
     checkpoint: Checkpoint,
-    out: Out,
+    out: OutH5ad,
     read: dict[str, Any],
     query_column: Annotated[
         str | None, typer.Option(help="Boolean obs column: generate these cells from the others.")
@@ -244,7 +244,7 @@ def generate(
 def embed(
     data: Data,
     checkpoint: Checkpoint,
-    out: Out,
+    out: OutH5ad,
     read: dict[str, Any],
     key_added: KeyAdded = "gest",
     max_cells: NicheCells = 256,
@@ -515,7 +515,7 @@ def predict(
         Path,
         typer.Option("--checkpoint", "-c", help="Niche classifier checkpoint (fit-classifier OUT/model)."),
     ],
-    out: Out,
+    out: OutH5ad,
     read: dict[str, Any],
     key_added: KeyAdded = "gest",
     batch_size: BatchSize = 64,

@@ -27,7 +27,9 @@ __all__ = [
     "InitCheckpoint",
     "KeyAdded",
     "Out",
+    "OutCsv",
     "OutDir",
+    "OutH5ad",
     "PRECISION_HELP",
     "Overwrite",
     "Precision",
@@ -36,6 +38,7 @@ __all__ = [
     "Seed",
     "option_group",
     "option_parameter",
+    "output_suffix",
     "read_options",
     "trainer_options",
 ]
@@ -52,6 +55,36 @@ InitCheckpoint = Annotated[
     ),
 ]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output file (the command says which format).")]
+
+#: What each output format is written as, for the error that names the right suffix.
+_FORMATS = {".h5ad": "an AnnData .h5ad file", ".csv": "a CSV table", ".json": "a JSON file"}
+
+
+def output_suffix(suffix: str) -> Callable[[Path | None], Path | None]:
+    """A ``--out`` callback refusing a file name whose suffix is not ``suffix``, before anything is computed.
+
+    Without it ``-o out.csv`` on a command that writes AnnData silently wrote HDF5 under a .csv name.
+    """
+
+    def check(value: Path | None) -> Path | None:
+        if value is None or value.suffix.lower() == suffix:
+            return value
+        got = f"the suffix {value.suffix!r}" if value.suffix else "no suffix"
+        msg = (
+            f"{str(value)!r} has {got}, but this command writes {_FORMATS[suffix]}. "
+            f"Name the output with {suffix}, e.g. {value.with_suffix(suffix).name!r}."
+        )
+        raise typer.BadParameter(msg)
+
+    return check
+
+
+OutH5ad = Annotated[
+    Path, typer.Option("--out", "-o", help="Output .h5ad file (AnnData).", callback=output_suffix(".h5ad"))
+]
+OutCsv = Annotated[
+    Path, typer.Option("--out", "-o", help="Output .csv table.", callback=output_suffix(".csv"))
+]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder (a run folder resumes).")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")]
 PRECISION_HELP = (

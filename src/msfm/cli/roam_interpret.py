@@ -2,7 +2,10 @@
 
 For each slide it writes ``OUT/<slide>/``::
 
-    heatmap.png            attention over the slide thumbnail (jet, alpha 0.4, blurred; CLAM/ROAM style)
+    heatmap.png            thumbnail | attention overlay (jet, alpha 0.4, blurred; CLAM/ROAM style), with a title,
+                           a colour bar naming the scale and the raw attention range
+    rois.h5ad              one observation per ROI (scverse spatial layout: obsm["spatial"], thumbnail in
+                           uns["spatial"]); msfm.pl.slide_heatmap(adata, color=...) redraws it
     gallery.png            the top-k and bottom-k ROIs of the class shown, with their scores
     roi_maps/roi<i>.png    ROI-level maps (20x, 10x, 5x and fused) over the ROI, for the top --roi-maps ROIs
     roi_maps/roi<i>.npz    the raw per-scale maps of that ROI (8x8, 4x4, 2x2)
@@ -21,7 +24,7 @@ from typing import Annotated
 
 import typer
 
-from msfm.cli.options import Checkpoint, Device, OutDir, Overwrite
+from msfm.cli.options import Checkpoint, Device, OutDir, Overwrite, Quiet
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,9 @@ def heatmap(
     slide_dir: Annotated[
         Path | None, typer.Option(help="Folder of the slide files (when the recorded slide_path moved).")
     ] = None,
-    thumbnail_size: Annotated[int, typer.Option(help="Longest side of heatmap.png in pixels.")] = 2000,
+    thumbnail_size: Annotated[
+        int, typer.Option(help="Longest side of the slide thumbnail (in heatmap.png and rois.h5ad), pixels.")
+    ] = 1000,
     alpha: Annotated[float, typer.Option(help="Opacity of the heatmap colours.")] = 0.4,
     blur: Annotated[bool, typer.Option("--blur/--no-blur", help="Smooth the slide heatmap.")] = True,
     roi_px: Annotated[
@@ -70,6 +75,7 @@ def heatmap(
     ] = 512,
     device: Device = "auto",
     overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ) -> None:
     """Attention heatmaps of slides: slide overlay, ROI gallery and ROI-level maps (-o: one folder per slide).
 
@@ -96,6 +102,7 @@ def heatmap(
         roi_px=roi_px,
         device=device,
         overwrite=overwrite,
+        progress=not quiet,
     )
     for d in result.table.itertuples():
         typer.echo(f"{d.slide_id}: {d.class_shown} (predicted {d.predicted_class}) -> {d.out}")

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from msfm.cli.options import Checkpoint, Device, Out, Overwrite, Precision
+from msfm.cli.options import Checkpoint, Device, OutCsv, Overwrite, Precision, Quiet
 
 __all__ = ["cascade", "predict", "register"]
 
@@ -35,7 +35,7 @@ RoiChunk = Annotated[
 def predict(
     features: Features,
     checkpoint: Checkpoint,
-    out: Out,
+    out: OutCsv,
     slides: Slides = None,
     device: Device = "auto",
     precision: Precision = "auto",
@@ -45,6 +45,7 @@ def predict(
     ] = False,
     skip_missing: SkipMissing = False,
     overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ) -> None:
     """Predict slides with a trained run (mean softmax over its folds) or a checkpoint; -o writes a CSV.
 
@@ -63,6 +64,7 @@ def predict(
         per_model=per_model,
         out=out,
         overwrite=overwrite,
+        progress=not quiet,
     )
     counts = result.table["pred"].value_counts().to_dict()
     typer.echo(
@@ -72,7 +74,7 @@ def predict(
 
 def cascade(
     features: Features,
-    out: Out,
+    out: OutCsv,
     stage: Annotated[
         list[str] | None,
         typer.Option(
@@ -88,6 +90,7 @@ def cascade(
     roi_chunk: RoiChunk = None,
     skip_missing: SkipMissing = False,
     overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ) -> None:
     """Chain tasks: each stage runs on the slides its condition selects (STAGE==A,B | STAGE!=A, joined by '&').
 
@@ -108,6 +111,7 @@ def cascade(
         skip_missing=skip_missing,
         out=out,
         overwrite=overwrite,
+        progress=not quiet,
     )
     table = result.table
     typer.echo(f"cascade over {len(table)} slides, stages {' > '.join(result.stage_order)}:")

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from msfm.cli.options import KeyAdded, Out, OutDir, Overwrite, Quiet, read_options, trainer_options
+from msfm.cli.options import KeyAdded, OutDir, OutH5ad, Overwrite, Quiet, read_options, trainer_options
 
 __all__ = ["register"]
 
@@ -73,7 +73,7 @@ def drug_fit(
 @read_options("cells")
 def drug_predict(
     data: Data,
-    out: Out,
+    out: OutH5ad,
     read: dict,
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="Model directory (drug-fit).")],
     drugs: Annotated[Path | None, typer.Option(help="Drug table (default: the model's drugs).")] = None,
@@ -130,7 +130,7 @@ def sensitivity_fit(
 @read_options("cells")
 def sensitivity_predict(
     data: Data,
-    out: Out,
+    out: OutH5ad,
     read: dict,
     checkpoint: Annotated[
         Path, typer.Option("--checkpoint", "-c", help="Model directory (sensitivity-fit).")

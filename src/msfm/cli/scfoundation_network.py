@@ -15,7 +15,7 @@ from msfm.cli.options import (
     Checkpoint,
     Device,
     KeyAdded,
-    Out,
+    OutH5ad,
     Overwrite,
     Precision,
     Quiet,
@@ -49,7 +49,7 @@ def gene_network(
         Path, typer.Argument(help="Cells: .h5ad, 10x .h5 / folder, .csv/.tsv, .zarr (raw counts).")
     ],
     checkpoint: Checkpoint,
-    out: Out,
+    out: OutH5ad,
     read: dict,
     embedding: Annotated[
         str,

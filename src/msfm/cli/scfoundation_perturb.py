@@ -15,8 +15,8 @@ from msfm.cli.options import (
     Checkpoint,
     Device,
     KeyAdded,
-    Out,
     OutDir,
+    OutH5ad,
     Overwrite,
     Precision,
     Quiet,
@@ -111,7 +111,7 @@ def perturb(
     checkpoint: Annotated[
         Path, typer.Option("--checkpoint", "-c", help="Perturbation model (msfm scfoundation perturb-fit).")
     ],
-    out: Out,
+    out: OutH5ad,
     read: dict,
     conditions: Annotated[
         str | None, typer.Option(help="Conditions to predict, comma-separated (default: all it was fit on).")

@@ -21,8 +21,8 @@ from msfm.cli.options import (
     Device,
     InitCheckpoint,
     KeyAdded,
-    Out,
     OutDir,
+    OutH5ad,
     Overwrite,
     Precision,
     Preset,
@@ -166,7 +166,7 @@ def convert(
 def predict(
     data: Data,
     checkpoint: Checkpoint,
-    out: Out,
+    out: OutH5ad,
     read: dict,
     decode: dict,
     target: Target = "cell_type",
@@ -237,7 +237,7 @@ app.command("organ", hidden=True, deprecated=True, help="Deprecated: msfm scmula
 def embed(
     data: Data,
     checkpoint: Checkpoint,
-    out: Out,
+    out: OutH5ad,
     read: dict,
     decode: dict,
     embedding: Embedding = "official",
@@ -276,7 +276,7 @@ def embed(
 @decode_options(*_GENERATION)
 def generate(
     checkpoint: Checkpoint,
-    out: Out,
+    out: OutH5ad,
     decode: dict,
     prompts: Annotated[
         list[str] | None,
@@ -454,7 +454,7 @@ def perturb_screen(
 def next_state(
     data: Data,
     checkpoint: Checkpoint,
-    out: Out,
+    out: OutH5ad,
     read: dict,
     decode: dict,
     n_per_cell: Annotated[int, typer.Option(help="Predicted cells per input cell.")] = 1,
@@ -508,6 +508,12 @@ def train(
         str | None, typer.Option(help="data | official | path to a vocabulary JSON.")
     ] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Fraction of cells held out.")] = None,
+    n_genes: Annotated[
+        int | None,
+        typer.Option(
+            help="'data' vocabulary: the N most variable genes (default 2000; fewer trains faster)."
+        ),
+    ] = None,
     expression_weight: Annotated[
         float | None, typer.Option(help="Weight of the expression MSE (release: 200; small new models: ~1).")
     ] = None,
@@ -527,6 +533,7 @@ def train(
         "pair_key": pair_key,
         "vocabulary": vocabulary,
         "val_fraction": val_fraction,
+        "n_genes": n_genes,
         "expression_weight": expression_weight,
         "progress_bar": False if quiet else None,
     }

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from msfm.cli.options import Overwrite
+from msfm.cli.options import OutH5ad, Overwrite
 
 datasets_app = typer.Typer(
     help="Real datasets bundled inside installed packages (offline).", no_args_is_help=True
@@ -18,19 +18,73 @@ bench_app = typer.Typer(
 )
 
 
+#: Widest shown text of the source and licence columns (the full texts: --json).
+_CELL_WIDTH = 48
+
+
+def _kind(info: dict) -> str:
+    """Provenance in one word: real data as shipped, derived from real data, or constructed."""
+    if info.get("constructed"):
+        return "constructed"
+    return "derived" if info.get("derived") else "real"
+
+
+def _size(shape: object) -> str:
+    """``(700, 765)`` -> ``700 x 765``; symbolic sizes (``n_cells``) are kept as written."""
+    if isinstance(shape, list | tuple) and shape and all(not isinstance(s, list | tuple) for s in shape):
+        return " x ".join(f"{s:,}" if isinstance(s, int) else str(s) for s in shape)
+    if isinstance(shape, list | tuple):
+        return "; ".join(_size(s) for s in shape)
+    return str(shape)
+
+
+def _cell(text: object, width: int = _CELL_WIDTH) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def datasets_table(datasets: dict[str, dict]) -> str:
+    """The bundled datasets as an aligned text table: name, kind, size, source, licence."""
+    header = ("name", "kind", "size", "source", "licence")
+    rows = [
+        (
+            name,
+            _kind(info),
+            _cell(_size(info.get("shape")), 30),
+            _cell(info.get("source")),
+            _cell(info.get("licence")),
+        )
+        for name, info in datasets.items()
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 @datasets_app.command("list")
-def datasets_list() -> None:
-    """List bundled datasets with their provenance."""
+def datasets_list(
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="One JSON object per line with every field (for scripts)."),
+    ] = False,
+) -> None:
+    """List bundled datasets with their provenance (the full description, citation and licence: --json)."""
     from msfm.datasets import list_datasets
 
-    for name, info in list_datasets().items():
-        typer.echo(json.dumps({"name": name, **info}, default=str))
+    datasets = list_datasets()
+    if as_json:
+        for name, info in datasets.items():
+            typer.echo(json.dumps({"name": name, **info}, default=str))
+        return
+    typer.echo(datasets_table(datasets))
+    typer.echo("\nmsfm datasets list --json: every field (description, labels, citation) in full.")
 
 
 @datasets_app.command("export")
 def datasets_export(
     name: Annotated[str, typer.Argument(help="Dataset name, e.g. pbmc68k")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad")],
+    out: OutH5ad,
     overwrite: Overwrite = False,
 ) -> None:
     """Write a bundled AnnData dataset to an .h5ad file (`msfm datasets list` says what each one holds)."""
@@ -45,6 +99,9 @@ def datasets_export(
         msg = f"Unknown dataset {name!r}; available: {sorted(available)}."
         raise MsfmInputError(msg)
     loader = getattr(ds, name, None)
+    if name == "histology_cohort":
+        msg = "histology_cohort is a folder of slides, not an AnnData: write it with `msfm datasets slides -o FOLDER`."
+        raise MsfmInputError(msg)
     if loader is None:
         msg = (
             f"Dataset {name!r} is not an AnnData dataset and cannot be exported to .h5ad; use "
@@ -58,6 +115,29 @@ def datasets_export(
         raise MsfmInputError(msg) from err
     write_h5ad_atomic(adata, out, replace=overwrite)
     typer.echo(f"wrote {out}")
+
+
+@datasets_app.command("slides")
+def datasets_slides(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for slides/ and slides.csv (created).")],
+    per_class: Annotated[int, typer.Option("--per-class", min=1, max=50, help="Slides per class.")] = 6,
+    seed: Annotated[int, typer.Option(help="Random seed (the same seed gives the same slides).")] = 0,
+    overwrite: Overwrite = False,
+) -> None:
+    """Write the synthetic-label slide cohort: pyramid TIFFs cut from the two bundled real H&E images.
+
+    Classes cmu / tia / cmu_restained (column `label`) and a second binary task `restained`; the labels are
+    synthetic (which image a slide was cut from, whether its stain was changed), not biological.
+    """
+    from msfm.datasets.histology import build_cohort
+    from msfm.runtime.atomic import check_output_free
+
+    target = check_output_free(out, overwrite=overwrite)
+    table = build_cohort(target, n_slides_per_class=per_class, seed=seed)
+    counts = ", ".join(f"{k}: {v}" for k, v in table["label"].value_counts().sort_index().items())
+    typer.echo(
+        f"wrote {len(table)} slides ({counts}) to {target / 'slides'} and the table {target / 'slides.csv'}"
+    )
 
 
 @bench_app.command("scfoundation")
@@ -120,7 +200,8 @@ def demo(
 
     chosen = PARTS if parts is None else tuple(p.strip() for p in parts.split(",") if p.strip())
     report = run_demo(out, quick=quick, parts=chosen)
-    typer.echo(f"report: {report}")
+    typer.echo(f"report: {report} (the same with figures inlined, one file: {report.with_suffix('.html')})")
+    typer.echo(f"explore the slides, spots and cells in a browser: msfm view {out}")
 
 
 @bench_app.command("roam-model")

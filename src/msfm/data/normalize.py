@@ -15,13 +15,13 @@ float32 ulp (measured in ``tests/data/test_normalize.py``).
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from msfm.errors import MsfmInputError
+from msfm.runtime.warn_once import warn_once
 
 if TYPE_CHECKING:
     from msfm.data.genes import GeneMapping
@@ -209,7 +209,8 @@ def check_log1p_values(
             )
             raise MsfmInputError(msg)
     if warn and vmax > LOG1P_CP10K_MAX + 1e-3:
-        warnings.warn(
+        # Every reader of the same matrix gets here (each verb, each pass): say it once per process.
+        warn_once(
             f"pre_normalized=True: {matrix_name} holds values up to {vmax:.4g}, above {LOG1P_CP10K_MAX:.2f}, the "
             "largest log1p CP10k value (log1p(count / total * 1e4)). The models expect log1p CP10k; values of "
             "another scale (log1p CPM, log2) shift every gene. Normalise raw counts with msfm (drop "

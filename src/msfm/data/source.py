@@ -8,7 +8,6 @@ non-negative. Cells without any count are kept and flagged, never dropped silent
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
 
@@ -19,6 +18,7 @@ import scipy.sparse as sp
 
 from msfm.data.normalize import check_log1p_values
 from msfm.errors import MsfmInputError
+from msfm.runtime.warn_once import warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +120,11 @@ class CellSource:
             self.kind: Literal["counts", "normalized"] = "counts"
         elif self.pre_normalized:
             self.kind = "normalized"
-            warnings.warn(
+            # Every reader of the same matrix (each verb, each pass over the data) gets here: say it once.
+            warn_once(
                 f"pre_normalized=True: the values of {self.matrix_name} are used as already log-normalised "
-                "(log1p(x / total * 1e4)); no read depth is known (scFoundation then computes its depth token S "
-                "from their sum, as the official code does).",
+                "(log1p(x / total * 1e4)) and no read depth is known; models that need one take it from the "
+                "sum of these values.",
                 UserWarning,
                 stacklevel=2,
             )

@@ -14,7 +14,9 @@ One module per family, each with ``run(out, quick=, seed=) -> metrics`` and ``re
 * :mod:`msfm.demo.gest`: GeST on 621 real spatial spots with held-out windows beside baselines, niche clusters,
   in-silico perturbation, domains of a semi-real tissue.
 
-Everything is written to ``OUT/report.md`` with PNG figures in ``OUT/figures`` and ``OUT/metrics.json``.
+Everything is written to ``OUT/report.md`` with PNG figures in ``OUT/figures`` and ``OUT/metrics.json``, and the
+same report as one self-contained HTML file, ``OUT/report.html`` (figures inlined; opens offline). Each table is
+followed by a plain reading of it (:mod:`msfm.demo.report_text`), and a glossary closes the report.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ PARTS: tuple[str, ...] = ("scfoundation", "scfoundation_downstream", "scmulan", 
 
 
 def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, parts: tuple[str, ...] = PARTS) -> Path:
-    """Run the demo parts and return the path of the Markdown report.
+    """Run the demo parts, write ``report.md``, ``report.html`` and ``metrics.json``; return the Markdown path.
 
     Args:
         out: output folder (created).
@@ -39,7 +41,9 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, parts: tupl
         seed: seed of every part.
         parts: which parts to run (default: all).
     """
+    from msfm.demo.report_text import glossary_section, intro
     from msfm.errors import MsfmInputError
+    from msfm.pl.html_report import write_html_report
     from msfm.runtime.atomic import atomic_write_json, atomic_write_text
 
     unknown = sorted(set(parts) - set(PARTS))
@@ -50,13 +54,20 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, parts: tupl
     (out / "figures").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     metrics: dict[str, Any] = {}
-    sections = ["# msfm demo report", ""]
+    sections = ["# msfm demo report", "", intro(quick)]
     for part in parts:
         module = importlib.import_module(f"msfm.demo.{part}")
         metrics[part] = module.run(out, quick=quick, seed=seed)
         sections.append(module.report_section(metrics[part]))
     metrics["total_s"] = time.perf_counter() - t0
+    from msfm.runtime.precision import cpu_capability
+
+    sections.append(
+        f"*The whole demo took {metrics['total_s']:.0f} s on this machine ({cpu_capability().line()}).*\n"
+    )
     atomic_write_json(out / "metrics.json", metrics)
+    body = "\n".join(sections)
     report = out / "report.md"
-    atomic_write_text(report, "\n".join(sections) + "\n")
+    atomic_write_text(report, body + "\n" + glossary_section(body))
+    write_html_report(report)
     return report

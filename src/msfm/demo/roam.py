@@ -198,49 +198,100 @@ def _fmt(x: Any) -> str:
 
 
 def report_section(m: dict[str, Any]) -> str:
-    """Markdown section of the demo report for the ROAM metrics."""
+    """The ROAM section of the report: every table followed by a plain reading of it."""
+    from msfm.demo.report_text import md_table, reading, timings
+
     t = m["timings"]
-    lines = [
-        "## ROAM (whole-slide images; synthetic labels)",
-        "",
-        f"**Cohort.** {m['n_slides']} pyramid TIFF slides built from the two bundled real H&E images "
-        f"({', '.join(f'{k}: {v}' for k, v in m['classes'].items())}). **The labels are synthetic**: which image "
-        "the tissue was cut from, and whether its stain was changed. They test the pipeline, not pathology.",
-        "",
-        f"**Preprocessing** ({t['preprocess_s']:.0f} s): {m['n_slides_ok']}/{m['n_slides']} slides, "
-        f"{m['n_rois']} ROIs of 2048 px at 20x, 84 patches each, `{m['encoder']}` features (weight-free colour "
-        "and texture statistics; no pretrained CNN weights are available offline). QC images: `roam/preprocessed/qc/`.",
-        "",
-        "**Cross-validated training** of `roam-tiny` per task, with a held-out test set scored by the fold ensemble "
-        "(mean softmax):",
-        "",
-        "| task | classes | out-of-fold acc | OOF macro-F1 | OOF AUC | test acc (ensemble) | test AUC | train s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for task in ("source", "restained"):
         s = m[task]
-        lines.append(
-            f"| {task} | {', '.join(s['classes'])} | {_fmt(s['oof']['accuracy'])} (n={s['n_oof']}) | "
-            f"{_fmt(s['oof']['macro_f1'])} | {_fmt(s['oof']['auc_macro'])} | "
-            f"{_fmt(s['test_ensemble']['accuracy'])} (n={s['n_test']}) | {_fmt(s['test_ensemble']['auc_macro'])} | "
-            f"{t[f'train_{task}_s']:.0f} |"
+        rows.append(
+            [
+                task,
+                ", ".join(s["classes"]),
+                f"{_fmt(s['oof']['accuracy'])} (n={s['n_oof']})",
+                s["oof"]["macro_f1"],
+                s["oof"]["auc_macro"],
+                f"{_fmt(s['test_ensemble']['accuracy'])} (n={s['n_test']})",
+                s["test_ensemble"]["auc_macro"],
+            ]
         )
     c = m["cascade"]
-    lines += [
+    lines = [
+        "## ROAM: whole-slide images (synthetic labels)",
         "",
-        f"**Cascade** (`source` on every slide, then `restained` on slides predicted `cmu`): final three-way call "
-        f"accuracy {_fmt(c['accuracy_test'])} on the {c['n_test']} slides held out from every model they pass "
-        f"through ({_fmt(c['accuracy_all'])} on all slides, most of which the models were trained on). "
-        "Table: `roam/cascade_predictions.csv`.",
+        "ROAM classifies a whole slide from many large tiles (ROIs): each ROI is described at three "
+        "magnifications, a transformer combines them, and an attention layer weighs the ROIs to form the "
+        "slide's prediction. The weights show which regions drove the call.",
         "",
-        "**Heatmaps** of test slides (`roam/heatmaps/<slide>/`): slide-level attention of the predicted class "
-        "(percentiles, fold ensemble), the top and bottom ROIs, and gradient-weighted attention rollout inside "
-        "the top ROIs at 20x, 10x and 5x.",
+        f"**Cohort.** {m['n_slides']} slides, written as pyramid TIFF files like a scanner's, cut from the two "
+        f"real H&E images that ship with installed packages ({', '.join(f'{k}: {v}' for k, v in m['classes'].items())}). "
+        "**The labels are synthetic**: which of the two images a slide was cut from (`source`), and whether its "
+        "stain colours were altered (`restained`). No glioma slides with diagnoses are available offline, so "
+        "these tasks test that the pipeline learns what it is shown; they say nothing about pathology.",
+        "",
+        f"**Preprocessing.** {m['n_slides_ok']} of {m['n_slides']} slides read; {m['n_rois']} ROIs of 2048 pixels "
+        f"at 20x, each cut into 84 patches over three magnifications. Patches are described by `{m['encoder']}`: "
+        "simple colour and texture statistics, because the ImageNet ResNet-50 weights the paper uses must be "
+        "downloaded (`docs/weights.md`) and nothing is downloaded here. Quality-control images: "
+        "`roam/preprocessed/qc/`.",
+        "",
+        "**Training.** `roam-tiny` per task with cross-validation; some slides are kept out of every fold as a "
+        "test set and scored by the average of the fold models.",
+        "",
+        md_table(
+            [
+                "task",
+                "classes",
+                "out-of-fold accuracy",
+                "out-of-fold macro-F1",
+                "out-of-fold AUC",
+                "test accuracy (ensemble)",
+                "test AUC",
+            ],
+            rows,
+        ),
+        reading(
+            "Out-of-fold numbers score every training slide with the fold model that did not see it; the test "
+            "columns score slides no model saw. With this few slides one error moves accuracy by 10 to 30 "
+            "points, so read the counts, not the decimals.",
+            "`source` is easy (the two images differ in tissue and colour); `restained` is harder because the "
+            "stain change is deliberately mild. A majority-class guess would score 0.5 on both balanced tasks.",
+        ),
+        f"**Cascade.** The two models chained as a pathologist's workflow would: `source` on every slide, then "
+        f"`restained` only on slides called `cmu`, giving one of three final calls. Accuracy "
+        f"{_fmt(c['accuracy_test'])} on the {c['n_test']} slides that no model in the chain trained on "
+        f"({_fmt(c['accuracy_all'])} on all slides, most of them seen in training). Table: "
+        "`roam/cascade_predictions.csv`.",
+        "",
+        "**Heatmaps** of test slides: where the attention of the predicted class lies. Left: the slide; right: "
+        "each ROI coloured by its attention. The title gives the prediction and the raw attention range. Per "
+        "slide, `roam/heatmaps/<slide>/` also holds the top and bottom ROIs (`gallery.png`) and maps inside the "
+        "top ROIs at 20x, 10x and 5x (`roi_maps/`).",
         "",
     ]
     for sid in m["heatmap_slides"]:
         lines.append(f"![{sid} heatmap](roam/heatmaps/{sid}/heatmap.png)")
-    lines.append("")
+    lines += [
+        "",
+        reading(
+            "Colours are percentiles of the attention within the slide (as in the ROAM and CLAM papers): red "
+            "marks the ROIs ranked highest, blue the lowest, whatever the actual difference. When the raw "
+            "range is narrow (the colour bar's note says so), the model spread its attention almost evenly and "
+            "the colours exaggerate tiny differences: on these tasks colour and texture are the same all over a "
+            "slide, so no region should stand out."
+        ),
+        timings(
+            {
+                "building the slides": t["cohort_s"],
+                "preprocessing": t["preprocess_s"],
+                "training source": t["train_source_s"],
+                "training restained": t["train_restained_s"],
+                "cascade": t["cascade_s"],
+                "heatmaps": t["heatmaps_s"],
+            }
+        ),
+    ]
     return "\n".join(lines)
 
 

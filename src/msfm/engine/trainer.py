@@ -358,14 +358,41 @@ def _reset_metrics(run: Path, resume_step: int | None) -> None:
         fh.write(buf.getvalue())
 
 
+class _StepRichProgressBar(RichProgressBar):
+    """Lightning's rich bar, labelled with the optimiser step when training is bounded by ``max_steps`` only.
+
+    Lightning writes "Epoch 0/{max_epochs - 1}", which reads "Epoch 0/-2" when ``max_epochs`` is unset (-1):
+    there the label becomes "step 120/900" and follows every batch.
+    """
+
+    def _steps_only(self) -> bool:
+        max_epochs = self.trainer.max_epochs
+        return max_epochs is None or max_epochs < 0
+
+    def _step_description(self) -> str:
+        max_steps = self.trainer.max_steps
+        step = self.trainer.global_step
+        return f"step {step}/{max_steps}" if max_steps and max_steps > 0 else f"step {step}"
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self._steps_only():
+            return self._step_description()
+        return super()._get_train_description(current_epoch)
+
+    def on_train_batch_end(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, *args: Any
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        if self._steps_only() and self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, description=self._step_description())
+
+
 def _progress_bar(choice: bool | str) -> Callback | None:
     if choice is False:
         return None
     if choice in (True, "rich"):
         try:
-            from lightning.pytorch.callbacks import RichProgressBar
-
-            return RichProgressBar()
+            return _StepRichProgressBar()
         except (ImportError, ModuleNotFoundError):
             if choice == "rich":
                 raise

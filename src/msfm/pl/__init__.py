@@ -1,4 +1,4 @@
-"""Plots (matplotlib, headless): embeddings coloured by label, metric bars, training curves.
+"""Plots (matplotlib, headless): embeddings and spatial maps of an AnnData, metric bars, training curves.
 
 Functions take arrays or AnnData and return the matplotlib ``Figure``; ``save=`` writes a PNG atomically.
 """
@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from msfm.pl.embedding import embedding, embedding_panels
+from msfm.pl.spatial_figures import spatial
 
 
 def _pyplot():
@@ -33,61 +36,19 @@ def _save(fig, save: str | os.PathLike[str] | None) -> None:
         fig.savefig(tmp, dpi=130, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
 
 
-def embedding_panels(
-    coords: Sequence[np.ndarray],
-    titles: Sequence[str],
-    labels: Sequence[str] | np.ndarray,
-    *,
-    save: str | os.PathLike[str] | None = None,
-    point_size: float = 6.0,
-    legend: bool = True,
-):
-    """Side-by-side 2-D scatter plots (e.g. UMAPs) coloured by the same categorical labels.
-
-    Shape:
-        coords: each ``[n, 2]``; labels: ``[n]``.
-    """
-    plt = _pyplot()
-    labels = np.asarray(labels).astype(str)
-    cats = sorted(set(labels.tolist()))
-    cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
-    fig, axes = plt.subplots(
-        1, len(coords), figsize=(4.6 * len(coords) + (2.8 if legend else 0), 4.4), squeeze=False
-    )
-    for ax, xy, title in zip(axes[0], coords, titles):
-        for i, c in enumerate(cats):
-            m = labels == c
-            ax.scatter(xy[m, 0], xy[m, 1], s=point_size, color=cmap(i % cmap.N), label=c, linewidths=0)
-        ax.set_title(title, fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if legend:
-        handles, names = axes[0][0].get_legend_handles_labels()
-        fig.legend(
-            handles,
-            names,
-            loc="center left",
-            bbox_to_anchor=(1.0, 0.5),
-            fontsize=8,
-            markerscale=2.5,
-            frameon=False,
-        )
-    fig.tight_layout()
-    _save(fig, save)
-    return fig
-
-
 def metric_bars(
     table: dict[str, dict[str, float]],
     *,
     metrics: Sequence[str] = ("ari", "nmi"),
     title: str = "",
     ylabel: str = "score",
+    metric_labels: dict[str, str] | None = None,
     save: str | os.PathLike[str] | None = None,
 ):
     """Grouped bars: one group per method (rows of ``table``), one bar per metric.
 
     The y axis spans 0 to 1 and extends below 0 when a value is negative (a negative correlation is shown, not cut).
+    ``metric_labels`` names the metrics in the legend (default: the metric key in capitals).
     """
     plt = _pyplot()
     methods = list(table)
@@ -96,7 +57,8 @@ def metric_bars(
     fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2.5, 3.6))
     for j, m in enumerate(metrics):
         vals = [table[k].get(m, np.nan) for k in methods]
-        bars = ax.bar(x + (j - (len(metrics) - 1) / 2) * width, vals, width, label=m.upper())
+        name = (metric_labels or {}).get(m, m.upper())
+        bars = ax.bar(x + (j - (len(metrics) - 1) / 2) * width, vals, width, label=name)
         for b, v in zip(bars, vals):
             ax.text(
                 b.get_x() + b.get_width() / 2,
@@ -140,7 +102,19 @@ def training_curve(
     return fig
 
 
-__all__ = ["embedding_panels", "metric_bars", "training_curve"]
+__all__ = [
+    "embedding",
+    "embedding_panels",
+    "line_plot",
+    "metric_bars",
+    "spatial",
+    "training_curve",
+]
+
+from msfm.pl.confusion import confusion_matrix  # noqa: E402
+from msfm.pl.slide_heatmap import slide_heatmap  # noqa: E402
+
+__all__ += ["confusion_matrix", "slide_heatmap"]
 
 
 def line_plot(

@@ -12,10 +12,13 @@ nesting, so it imports no family code.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "OFFICIAL_WEIGHTS",
@@ -24,6 +27,7 @@ __all__ = [
     "file_sha256",
     "identify_content",
     "match_checksum",
+    "source_record",
 ]
 
 
@@ -211,3 +215,23 @@ def identify_content(content: Any, *, name: str = "FILE") -> Identification | No
             plain = {str(k).removeprefix("module."): v for k, v in state.items()}
             return _roam(plain, name) or _resnet50(list(plain), name)
     return None
+
+
+def source_record(path: str | Path, *, what: str) -> dict[str, Any]:
+    """Size, sha256 and how an official file was recognised, logged once and returned for the checkpoint's meta.
+
+    Call it after the family's loader accepted the file (so its key layout is known to be official): a file whose
+    sha256 is published is recognised by it; otherwise the record says it was recognised by its layout and keeps
+    the sha256, so a later copy can be checked against this one.
+
+    Args:
+        path: The official file.
+        what: What the loader recognised, e.g. ``official scFoundation models.ckpt, variant cell``.
+    """
+    p = Path(path)
+    digest = file_sha256(p)
+    size = p.stat().st_size
+    by_checksum = match_checksum(digest)
+    how = by_checksum if by_checksum is not None else "its key layout (no sha256 is published for this file)"
+    logger.info("%s: %s (%.1f MB, sha256 %s), recognised by %s", p.name, what, size / 1e6, digest, how)
+    return {"file": p.name, "size_bytes": size, "sha256": digest, "recognised_as": what, "recognised_by": how}

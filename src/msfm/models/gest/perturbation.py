@@ -172,6 +172,27 @@ def edit_expression(
     return out
 
 
+def _edit_text(params: dict[str, Any]) -> str | None:
+    """The edit in words for the figure title, e.g. "genes set up: A, B; down: C (0.95 quantile, requantize)"."""
+    up, down = list(params.get("genes_up") or []), list(params.get("genes_down") or [])
+    if not up and not down:
+        return None
+
+    def names(genes: list[str]) -> str:
+        return ", ".join(genes[:4]) + (f" +{len(genes) - 4} more" if len(genes) > 4 else "")
+
+    parts = [f"up: {names(up)}"] * bool(up) + [f"down: {names(down)}"] * bool(down)
+    a = float(params.get("amount", 0.0))
+    how = {
+        "set_quantile": f"to the {a:g} / {1 - a:g} quantile",
+        "scale": f"counts x{a:g} / divided by {a:g}",
+        "add_log_fc": f"log1p +{a:g} / -{a:g}",
+    }
+    detail = how.get(str(params.get("how")), "")
+    extra = ", ".join(x for x in (detail, str(params.get("perturb_mode") or "")) if x)
+    return "genes set " + "; ".join(parts) + (f" ({extra})" if extra else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class GestPerturbation(Result):
     """Control and perturbed generation around an edited region (what :func:`perturb` returns).
@@ -193,7 +214,7 @@ class GestPerturbation(Result):
 
     def figure(self, genes: list[str] | None = None, *, n_genes: int = 3, save: Any = None) -> Any:
         """Control | perturbed | difference maps of a few genes plus the top log fold changes."""
-        from msfm.pl.spatial import perturbation_figure
+        from msfm.pl.spatial_figures import perturbation_figure
 
         a = self.adata
         role = a.obs["gest_role"].to_numpy()
@@ -207,6 +228,7 @@ class GestPerturbation(Result):
             target_mask=role == "target",
             report=self.report,
             n_genes=n_genes,
+            edit=_edit_text(self.params),
             save=save,
         )
 

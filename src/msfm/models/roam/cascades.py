@@ -269,6 +269,7 @@ def cascade(
     skip_missing: bool = False,
     out: PathLike | None = None,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> CascadeResult:
     """Run tasks in order, each on the slides its condition selects (see the module docstring).
 
@@ -283,6 +284,7 @@ def cascade(
         skip_missing: Leave out slides without a feature file instead of raising.
         out: Also write the table to this CSV (refused if it exists, unless ``overwrite``).
         overwrite: Replace an existing ``out``.
+        progress: Show a progress bar over the slides of each stage.
 
     Returns:
         The result: ``table`` (one row per slide, columns per stage), ``stage_order`` and ``stages``.
@@ -343,6 +345,7 @@ def cascade(
                 device=dev,
                 roi_chunk=roi_chunk,
                 skip_missing=skip_missing,
+                progress=progress,
             ).table
             if chosen
             else probability_table([], np.zeros((0, len(ens.class_names))), ens.class_names)

@@ -109,6 +109,7 @@ def convert(
         CheckpointError: The file is missing, unreadable or not a released multi-scale ROAM state dict.
     """
     from msfm.models.roam.official import load_official_checkpoint
+    from msfm.runtime.official_weights import source_record
 
     check_output_free(out, overwrite=overwrite)
     if isinstance(class_names, str):
@@ -117,11 +118,18 @@ def convert(
     if class_names is not None:
         overrides["class_names"] = tuple(class_names)
     model = load_official_checkpoint(official, **overrides)
+    n_classes = len(model.config.class_names) if model.config.class_names else "?"
+    record = source_record(official, what=f"released ROAM fold checkpoint, {n_classes} classes")
     extra = {
         "task": task,
         "class_names": list(model.config.class_names) if model.config.class_names else None,
         "encoder": {"name": encoder, "dim": model.config.d_in},
         "feature_dim": model.config.d_in,
-        "source": {"official_checkpoint": str(Path(official).resolve()), "fold": fold},
+        "source": {
+            "official_checkpoint": str(Path(official).resolve()),
+            "fold": fold,
+            "sha256": record["sha256"],
+            "recognised_by": record["recognised_by"],
+        },
     }
     return save_model(model, out, extra=extra)

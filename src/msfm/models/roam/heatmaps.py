@@ -2,7 +2,11 @@
 
 For each slide, :func:`heatmap` writes ``OUT/<slide>/`` (atomically, one folder per slide)::
 
-    heatmap.png            attention over the slide thumbnail (jet, alpha 0.4, blurred; CLAM/ROAM style)
+    heatmap.png            thumbnail | attention overlay (jet, alpha 0.4, blurred; CLAM/ROAM style), with a title,
+                           a colour bar naming the scale and the raw attention range (msfm.pl.slide_heatmap)
+    rois.h5ad              one observation per ROI in the scverse spatial layout (obsm["spatial"] = ROI centres,
+                           obs score/percentile/rank/x/y, uns["spatial"][slide] = thumbnail + scale factors,
+                           uns["roam_heatmap"] = classes and probabilities); ``HeatmapResult.rois(slide)`` reads it
     gallery.png            the top-k and bottom-k ROIs of the class shown, with their scores
     roi_maps/roi<i>.png    ROI-level maps (20x, 10x, 5x and fused) over the ROI, for the top ``roi_maps`` ROIs
     roi_maps/roi<i>.npz    the raw per-scale maps of that ROI (8x8, 4x4, 2x2)
@@ -21,7 +25,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -43,13 +47,18 @@ from msfm.models.roam.interpret import (
     roi_heatmap,
     roi_image,
     slide_attention_scores,
-    slide_heatmap,
     top_roi_gallery,
 )
+from msfm.pl.slide_heatmap import slide_heatmap as slide_heatmap_figure
 from msfm.pl.slides import roi_maps_figure
 from msfm.runtime.atomic import atomic_dir, atomic_write_json, atomic_write_text, check_output_free
 from msfm.runtime.devices import resolve_device
+from msfm.runtime.h5ad import write_h5ad_atomic
+from msfm.runtime.progress import progress_iter
 from msfm.runtime.results import Result
+
+if TYPE_CHECKING:
+    import anndata
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +78,17 @@ class HeatmapResult(Result):
 
     table: pd.DataFrame
     out: Path
+
+    def rois(self, slide_id: str) -> anndata.AnnData:
+        """The ROIs of one slide as an AnnData (``OUT/<slide>/rois.h5ad``), ready for :func:`msfm.pl.slide_heatmap`."""
+        import anndata
+
+        path = self.out / str(slide_id) / "rois.h5ad"
+        if not path.is_file():
+            done = list(self.table["slide_id"]) if "slide_id" in self.table else []
+            msg = f"No rois.h5ad for slide {slide_id!r} under {self.out}; the slides drawn are {done}."
+            raise MsfmInputError(msg)
+        return anndata.read_h5ad(path)
 
 
 def _split_slides(slides: str | list[str] | None) -> list[str]:
@@ -135,6 +155,58 @@ def _scores_csv(coords: np.ndarray, scores: np.ndarray, percentiles: np.ndarray)
     return df.to_csv(index=False, float_format="%.8g")
 
 
+def rois_anndata(
+    slide_id: str,
+    coords: np.ndarray,
+    roi_size_level0: int,
+    scores: np.ndarray,
+    percentiles: np.ndarray,
+    thumbnail: np.ndarray,
+    downsample: float,
+    meta: dict[str, Any],
+) -> anndata.AnnData:
+    """One observation per ROI in the scverse spatial layout (see :mod:`msfm.pl.slide_heatmap`).
+
+    ``obsm["spatial"]`` holds ROI centres in level-0 pixels (as scanpy expects spots); ``obs`` holds ``x``/``y``
+    (top-left corners, as ``scores.csv``), ``score``, ``percentile`` and ``rank``.
+
+    Shape:
+        coords: ``[K, 2]``; scores, percentiles: ``[K]``; thumbnail: ``[h, w, 3]`` uint8.
+    """
+    import anndata
+
+    from msfm.runtime.jsonable import to_uns
+
+    c = np.asarray(coords, dtype=np.int64)
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(1, len(order) + 1)
+    obs = pd.DataFrame(
+        {
+            "x": c[:, 0],
+            "y": c[:, 1],
+            "score": np.asarray(scores, dtype=np.float64),
+            "percentile": np.asarray(percentiles, dtype=np.float64),
+            "rank": rank,
+        },
+        index=[f"roi{i}" for i in range(len(c))],
+    )
+    adata = anndata.AnnData(obs=obs)
+    adata.obsm["spatial"] = (c + roi_size_level0 / 2.0).astype(np.float64)
+    adata.uns["spatial"] = {
+        slide_id: {
+            "images": {"hires": np.ascontiguousarray(thumbnail[..., :3], dtype=np.uint8)},
+            "scalefactors": {
+                "tissue_hires_scalef": 1.0 / float(downsample),
+                "roi_size_level0": int(roi_size_level0),
+                "spot_diameter_fullres": float(roi_size_level0),
+            },
+        }
+    }
+    adata.uns["roam_heatmap"] = to_uns(meta)
+    return adata
+
+
 def heatmap(
     data: str | os.PathLike[str],
     checkpoint: Any,
@@ -149,12 +221,13 @@ def heatmap(
     row_normalisation: bool = False,
     colour_by: str = "percentile",
     slide_dir: str | os.PathLike[str] | None = None,
-    thumbnail_size: int = 2000,
+    thumbnail_size: int = 1000,
     alpha: float = 0.4,
     blur: bool = True,
     roi_px: int = 512,
     device: str | torch.device = "auto",
     overwrite: bool = False,
+    progress: bool = True,
 ) -> HeatmapResult:
     """Attention heatmaps of slides: slide overlay, ROI gallery and ROI-level maps.
 
@@ -171,14 +244,16 @@ def heatmap(
         roi_maps: ROI-level maps for this many top ROIs.
         method: ``grad_rollout`` | ``grad_cam`` | ``rollout``.
         row_normalisation: Rollout with true row normalisation instead of the released column-sum quirk.
-        colour_by: ``percentile`` (as released) or ``score``.
+        colour_by: ``percentile`` (as released: rank within the slide, 0-100) or ``score`` (the raw attention,
+            softmax over ROIs). The figure states the raw range either way.
         slide_dir: Folder of the slide files when the recorded ``slide_path`` moved.
-        thumbnail_size: Longest side of ``heatmap.png``.
+        thumbnail_size: Longest side of the slide thumbnail drawn in ``heatmap.png`` and stored in ``rois.h5ad``.
         alpha: Opacity of the heatmap colours.
         blur: Smooth the slide heatmap.
         roi_px: Pixels per side of the ROI images in the gallery and ROI maps.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``.
         overwrite: Replace existing slide output folders (otherwise they are refused before any model loads).
+        progress: Show a progress bar over the slides.
 
     Returns:
         The result: ``table`` with one row per slide (``slide_id``, ``class_shown``, ``predicted_class``,
@@ -250,7 +325,7 @@ def heatmap(
     official = not row_normalisation
     done: list[dict[str, Any]] = []
 
-    for sid in ids:
+    for sid in progress_iter(ids, "roam heatmap", enabled=progress, unit="slide"):
         sf = store.read(sid)
         attrs = dict(getattr(sf, "attrs", {}) or {})
         coords = np.asarray(sf.coords, dtype=np.int64)
@@ -265,21 +340,28 @@ def heatmap(
         att = slide_attention_scores(ens.models, sf, class_index=chosen)
         shown = names[att.class_index]
         predicted = names[att.predicted_index]
-        colour = att.percentiles if colour_by == "percentile" else att.scores
-        vmin, vmax = (0.0, 100.0) if colour_by == "percentile" else (None, None)
+        probabilities = {n: float(p) for n, p in zip(names, att.probabilities)}
         with atomic_dir(out / sid) as tmp, open_slide(image_path) as slide:
-            slide_heatmap(
-                slide,
+            thumb, ds = slide.thumbnail(int(thumbnail_size))
+            rois = rois_anndata(
+                sid,
                 coords,
                 size0,
-                colour,
-                thumbnail_size=thumbnail_size,
-                alpha=alpha,
-                blur=blur,
-                vmin=vmin,
-                vmax=vmax,
-                save=tmp / "heatmap.png",
+                att.scores,
+                att.percentiles,
+                thumb,
+                ds,
+                {
+                    "slide_id": sid,
+                    "class_shown": shown,
+                    "predicted_class": predicted,
+                    "probabilities": probabilities,
+                    "n_models": att.n_models,
+                    "colour_by": colour_by,
+                },
             )
+            write_h5ad_atomic(rois, tmp / "rois.h5ad", compression="gzip")
+            slide_heatmap_figure(rois, colour_by, alpha=alpha, blur=blur, save=tmp / "heatmap.png")
             top_roi_gallery(
                 slide,
                 coords,
@@ -326,7 +408,7 @@ def heatmap(
                     "class_shown": shown,
                     "class_index": att.class_index,
                     "predicted_class": predicted,
-                    "probabilities": {n: float(p) for n, p in zip(names, att.probabilities)},
+                    "probabilities": probabilities,
                     "n_rois": len(coords),
                     "n_models": att.n_models,
                     "checkpoints": [str(s) for s in ens.sources],

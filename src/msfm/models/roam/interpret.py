@@ -512,36 +512,6 @@ def _check_coords(
     return c, s
 
 
-def _smooth(field: np.ndarray, covered: np.ndarray, side: float) -> np.ndarray:
-    """Normalised Gaussian smoothing (sigma = side / 4) of ``field`` over the covered pixels.
-
-    Blurring ``field * covered`` and ``covered`` and dividing keeps values from fading toward uncovered
-    pixels. It runs on a grid where an ROI is ~16 pixels wide and is upsampled bilinearly, so the cost does not
-    grow with the ROI size in thumbnail pixels.
-    """
-    from PIL import Image
-    from scipy.ndimage import gaussian_filter
-
-    h, w = field.shape
-    f = max(1.0, side / 16.0)
-    sh, sw = max(1, round(h / f)), max(1, round(w / f))
-    cov = covered.astype(np.float32)
-
-    def down(a: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(a.astype(np.float32)).resize((sw, sh), Image.Resampling.BOX))
-
-    def up(a: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(a.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR))
-
-    sigma = max(side / f / 4.0, 0.5)
-    num = up(gaussian_filter(down(field * cov).astype(np.float64), sigma))
-    den = up(gaussian_filter(down(cov).astype(np.float64), sigma))
-    ok = covered & (den > 1e-6)
-    out = field.copy()
-    out[ok] = num[ok] / den[ok]
-    return out
-
-
 def slide_heatmap(
     slide: Any,
     coords: np.ndarray,
@@ -581,6 +551,7 @@ def slide_heatmap(
     Shape:
         coords: ``[K, 2]``; scores: ``[K]`` -> ``[h, w, 3]`` uint8 (longest side ``<= thumbnail_size``).
     """
+    from msfm.pl.slide_heatmap import rasterize_rois, smooth_field
     from msfm.pl.slides import overlay_heatmap, save_png
 
     c, s = _check_coords(coords, scores, roi_size_level0)
@@ -589,21 +560,10 @@ def slide_heatmap(
         raise MsfmInputError(msg)
     with _open(slide) as src:
         thumb, ds = src.thumbnail(int(thumbnail_size))
-    h, w = thumb.shape[:2]
-    total = np.zeros((h, w), np.float64)
-    count = np.zeros((h, w), np.float64)
     side = float(roi_size_level0) / ds
-    for (x, y), v in zip(c, s):
-        x0, y0 = round(x / ds), round(y / ds)
-        x1, y1 = round((x + roi_size_level0) / ds), round((y + roi_size_level0) / ds)
-        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-        if x1 > x0 and y1 > y0:
-            total[y0:y1, x0:x1] += v
-            count[y0:y1, x0:x1] += 1.0
-    covered = count > 0
-    field = np.divide(total, count, out=np.zeros_like(total), where=covered)
+    field, covered = rasterize_rois(thumb.shape[:2], c / ds, side, s)
     if blur and covered.any():
-        field = _smooth(field, covered, side)
+        field = smooth_field(field, covered, side)
     lo = float(s.min()) if vmin is None else float(vmin)
     hi = float(s.max()) if vmax is None else float(vmax)
     overlay = overlay_heatmap(thumb, field, mask=covered, cmap=cmap, alpha=alpha, vmin=lo, vmax=hi)

@@ -28,6 +28,7 @@ from msfm.models.roam.tables import SLIDE_ID, prob_column, slide_ids_from
 from msfm.runtime.atomic import atomic_write_text, check_output_free
 from msfm.runtime.devices import autocast_context, resolve_device
 from msfm.runtime.precision import canonical_precision, resolve_precision
+from msfm.runtime.progress import progress_bar
 from msfm.runtime.results import Result
 
 __all__ = [
@@ -71,6 +72,7 @@ def predict_probabilities(
     *,
     device: str | torch.device = "cpu",
     roi_chunk: int | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Softmax class probabilities of each model for each slide (one slide at a time, no padding).
 
@@ -80,6 +82,7 @@ def predict_probabilities(
         slide_ids: Slides to predict.
         device: Device the models are on.
         roi_chunk: Encode at most this many ROIs at once (bounds memory on large slides).
+        progress: Show a progress bar over the slides.
 
     Returns:
         Probabilities.
@@ -92,11 +95,13 @@ def predict_probabilities(
     out = np.zeros((len(models), len(slide_ids), n_classes), dtype=np.float64)
     for m in models:
         m.eval()
-    for j, sid in enumerate(slide_ids):
-        x = torch.from_numpy(store.get(sid)).to(dev).unsqueeze(0)
-        for i, m in enumerate(models):
-            logits = m(x, roi_chunk=roi_chunk).logits.float()
-            out[i, j] = torch.softmax(logits, dim=-1)[0].double().cpu().numpy()
+    with progress_bar(len(slide_ids), "roam predict", enabled=progress, unit="slide") as bar:
+        for j, sid in enumerate(slide_ids):
+            x = torch.from_numpy(store.get(sid)).to(dev).unsqueeze(0)
+            for i, m in enumerate(models):
+                logits = m(x, roi_chunk=roi_chunk).logits.float()
+                out[i, j] = torch.softmax(logits, dim=-1)[0].double().cpu().numpy()
+            bar.update(1)
     return out
 
 
@@ -147,6 +152,7 @@ def predict(
     cache_bytes: int = 0,
     out: PathLike | None = None,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> SlidePredictions:
     """Predict slides with one model or a fold ensemble (mean softmax over the models).
 
@@ -166,6 +172,7 @@ def predict(
         cache_bytes: Memory budget for caching features (only useful when predicting twice).
         out: Also write the table to this CSV (refused if it exists, unless ``overwrite``).
         overwrite: Replace an existing ``out``.
+        progress: Show a progress bar over the slides.
 
     Returns:
         The predictions (``.table``; the same class names, task and model count as fields and in
@@ -193,7 +200,9 @@ def predict(
         geometry=training_geometry(ens.metas),
     )
     with autocast_context(dev, choice.precision):
-        probs = predict_probabilities(ens.models, store, kept, device=dev, roi_chunk=roi_chunk)
+        probs = predict_probabilities(
+            ens.models, store, kept, device=dev, roi_chunk=roi_chunk, progress=progress
+        )
     table = probability_table(kept, probs.mean(axis=0), ens.class_names)
     if per_model:
         for i in range(probs.shape[0]):

@@ -41,9 +41,11 @@ def convert(
     """
     from msfm.models.scfoundation.official import load_official_checkpoint
     from msfm.runtime.checkpoint import save_checkpoint
+    from msfm.runtime.official_weights import source_record
 
     target = check_output_free(out, overwrite=overwrite)
     config, state_dict = load_official_checkpoint(official, variant=variant)
+    record = source_record(official, what=f"official scFoundation models.ckpt, variant {variant}")
     panel = GenePanel.scfoundation()
     return save_checkpoint(
         target,
@@ -55,6 +57,8 @@ def convert(
         extra_meta={
             "source": "official",
             "official_file": str(Path(official).name),
+            "official_sha256": record["sha256"],
+            "official_recognised_by": record["recognised_by"],
             "variant": variant,
             "licence_note": "Official scFoundation weights are under the non-commercial 'scFoundation License'.",
         },

@@ -293,7 +293,13 @@ def resolve_panel(
     for src in data:
         adata = src if isinstance(src, AnnData) else read(src, backed=Path(src).suffix == ".h5ad")
         try:
-            mapping = harmonize_genes(adata.var, full, **_gene_kwargs(opts))
+            # The model is sized to the genes found here, so the share of the full 19,264-gene panel found is
+            # expected to be small: warning about it (warn_panel_fraction) would mislead, so only the hard
+            # minimum is kept.
+            kwargs = _gene_kwargs(opts)
+            mapping = harmonize_genes(
+                adata.var, full, **kwargs, warn_panel_fraction=kwargs["min_panel_fraction"]
+            )
         finally:
             if not isinstance(src, AnnData) and adata.isbacked:
                 adata.file.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from msfm.data.resources import sha256_file
 from msfm.models.scmulan.loading import preprocessing_record, save_model
 from msfm.models.scmulan.model import ScMulan
 from msfm.runtime.atomic import check_output_free
@@ -35,6 +34,7 @@ def convert(
         CheckpointError: the file is missing or is not an official scMulan checkpoint.
     """
     from msfm.models.scmulan.official import load_official_checkpoint
+    from msfm.runtime.official_weights import source_record
 
     official = Path(official)
     out = Path(out)
@@ -42,6 +42,9 @@ def convert(
     config, state_dict = load_official_checkpoint(official)
     model = ScMulan(config)
     model.load_state_dict(state_dict, strict=True)
+    record = source_record(
+        official, what=f"official scMulan checkpoint ({config.depth} layers of width {config.dim})"
+    )
     return save_model(
         out,
         model,
@@ -50,7 +53,8 @@ def convert(
         extra_meta={
             "source": "official scMulan",
             "official_file": official.name,
-            "official_sha256": sha256_file(official),
+            "official_sha256": record["sha256"],
+            "official_recognised_by": record["recognised_by"],
             "licence_note": "Official scMulan code and weights: SuperBianC/scMulan (MIT licence).",
         },
     )

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from msfm.errors import MsfmInputError
+from msfm.pl.embedding import draw_categorical, legend_width_in, palette_for
 from msfm.pl.slides import save_figure
 
-__all__ = ["generation_figure", "perturbation_figure", "spatial_scatter"]
+__all__ = ["generation_figure", "perturbation_figure", "spatial", "spatial_scatter"]
 
 PathLike = str | os.PathLike[str]
 
@@ -109,6 +110,9 @@ def spatial_scatter(
     vmax: float | None = None,
     colorbar: bool = True,
     invert_y: bool = True,
+    categories: Sequence[str] | None = None,
+    palette: Any = None,
+    colorbar_label: str | None = None,
     save: PathLike | None = None,
 ):
     """Cells at their positions, coloured by a value (expression) or a category (niche, cell type).
@@ -126,7 +130,13 @@ def spatial_scatter(
         vmax: Top of the colour scale.
         colorbar: Add a colour bar (continuous values).
         invert_y: Point the y axis down (image coordinates).
+        categories: Legend order of the categories (default: sorted labels).
+        palette: Category colours (dict, list or colormap name); default tab10 / tab20.
+        colorbar_label: Label of the colour bar (e.g. the gene and its scale).
         save: Write the figure as a PNG here.
+
+    The categorical legend sits outside on the right; a new figure is widened to fit it. With ``ax=`` the
+    caller's figure is not resized: use a constrained-layout figure (or :func:`spatial`) so it gets room.
 
     Returns:
         The matplotlib ``Figure``.
@@ -137,8 +147,6 @@ def spatial_scatter(
     Shape:
         xy: ``[n, 2]``; values, highlight: ``[n]``.
     """
-    import matplotlib
-
     pos = _xy(xy)
     n = pos.shape[0]
     vals = np.asarray(values)
@@ -147,25 +155,28 @@ def spatial_scatter(
         raise MsfmInputError(msg)
     hl = None if highlight is None else _mask(highlight, n, "highlight")
     s = _point_size(n, size)
-    fig = _figure((5.2 if categorical else 4.8, 4.2)) if ax is None else ax.figure
+    labels = vals.astype(str) if categorical else None
+    if categorical and categories is None:
+        categories = sorted(set(labels.tolist()))
     if ax is None:
+        # Widened to the legend (longest label, several columns past 14 categories) so it is never cut.
+        fig = _figure((4.2 + legend_width_in(categories), 4.2) if categorical else (4.8, 4.2))
         ax = fig.add_subplot(1, 1, 1)
+    else:
+        fig = ax.figure
     if categorical:
-        labels = vals.astype(str)
-        cats = sorted(set(labels.tolist()))
-        cm = matplotlib.colormaps["tab20" if len(cats) > 10 else "tab10"]
-        for i, c in enumerate(cats):
-            m = labels == c
-            ax.scatter(pos[m, 0], pos[m, 1], s=s, color=cm(i % cm.N), label=c, linewidths=0)
+        colors = palette_for(categories, palette)
+        draw_categorical(ax, pos, labels, categories, colors, size=s)
         if hl is not None and hl.any():
             ax.scatter(
                 pos[hl, 0], pos[hl, 1], s=s * 1.3, facecolors="none", edgecolors="black", linewidths=0.6
             )
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=1.5, frameon=False)
     else:
         sc = _draw(ax, pos, vals.astype(np.float64), cmap=cmap, size=s, vmin=vmin, vmax=vmax, highlight=hl)
         if colorbar:
-            fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
+            cb = fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
+            if colorbar_label:
+                cb.set_label(colorbar_label, fontsize=8)
     _style(ax, title, invert_y)
     if save is not None:
         save_figure(fig, save)
@@ -198,6 +209,7 @@ def perturbation_figure(
     cmap: str = "viridis",
     size: float | None = None,
     invert_y: bool = True,
+    edit: str | None = None,
     save: PathLike | None = None,
 ):
     """Control vs perturbed generation for a few genes, and the log fold changes of the top genes (GeST Fig. 4).
@@ -206,7 +218,8 @@ def perturbation_figure(
     (diverging, symmetric scale, one colour bar). Region cells (the edited ROI) are outlined; cells that are
     neither region nor target (unchanged context) are drawn faded. With ``report`` a last column holds a
     horizontal bar chart of ``log_fc`` for the ``n_bars`` genes with the lowest FDR (ties: largest ``|log_fc|``),
-    ``*`` marking FDR < 0.05.
+    ``*`` marking FDR < 0.05. The figure title names the edit (``edit``) and a legend below the panels says
+    which spots are the edited region (outlined), the regenerated targets and the unchanged context (faded).
 
     Axes: ``5 * n_rows`` (3 panels + 2 colour bars per row) plus 1 with ``report``.
 
@@ -225,6 +238,7 @@ def perturbation_figure(
         cmap: Colour map of expression.
         size: Marker size; default scales with the number of cells.
         invert_y: Point the y axis down.
+        edit: What was edited, for the title (e.g. "genes up: KRT10; down: SBSN (set to the 0.95 quantile)").
         save: Write the figure as a PNG here.
 
     Returns:
@@ -275,11 +289,11 @@ def perturbation_figure(
         axes = [fig.add_subplot(grid[r, k]) for k in range(3)]
         _draw(axes[0], pos, c[:, j], cmap=cmap, size=s, vmin=lo, vmax=hi, highlight=region, alpha=alpha)
         sc = _draw(axes[1], pos, p[:, j], cmap=cmap, size=s, vmin=lo, vmax=hi, highlight=region, alpha=alpha)
-        fig.colorbar(sc, ax=axes[:2], fraction=0.046, pad=0.02)
+        fig.colorbar(sc, ax=axes[:2], fraction=0.046, pad=0.02).set_label(f"{g} expression", fontsize=8)
         d = p[:, j] - c[:, j]
         lim = float(np.abs(d).max()) or 1.0
         sd = _draw(axes[2], pos, d, cmap="RdBu_r", size=s, vmin=-lim, vmax=lim, highlight=region, alpha=alpha)
-        fig.colorbar(sd, ax=axes[2], fraction=0.046, pad=0.02)
+        fig.colorbar(sd, ax=axes[2], fraction=0.046, pad=0.02).set_label("perturbed - control", fontsize=8)
         for ax, title in zip(axes, (f"{g}: control", f"{g}: perturbed", f"{g}: perturbed - control")):
             _style(ax, title, invert_y)
     if report is not None:
@@ -289,18 +303,57 @@ def perturbation_figure(
         top = _top_genes_from_report(report, n_bars)[::-1]
         lfc = report.loc[top, "log_fc"].to_numpy(dtype=np.float64)
         ax = fig.add_subplot(grid[:, 3])
-        ax.barh(np.arange(len(top)), lfc, color=np.where(lfc >= 0, "#c0392b", "#2e6db4"))
+        # Tiny changes are drawn in units of a power of ten named in the axis label (no offset text that the
+        # label would run into), so the tick labels stay short.
+        peak = float(np.abs(lfc).max()) if lfc.size else 0.0
+        exp10 = int(np.floor(np.log10(peak))) if 0.0 < peak < 0.01 else 0
+        ax.barh(np.arange(len(top)), lfc / 10.0**exp10, color=np.where(lfc >= 0, "#c0392b", "#2e6db4"))
         labels = list(top)
         if "fdr" in report.columns:
             fdr = report.loc[top, "fdr"].to_numpy(dtype=np.float64)
             labels = [f"{g} *" if q < 0.05 else g for g, q in zip(top, fdr)]
         ax.set_yticks(np.arange(len(top)), labels, fontsize=7)
         ax.axvline(0.0, color="0.4", lw=0.8)
-        ax.set_xlabel("log fold change (perturbed - control, log1p)", fontsize=8)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.tick_params(axis="x", labelsize=7)
+        unit = f", x 1e{exp10}" if exp10 else ""
+        ax.set_xlabel(f"log fold change (perturbed - control, log1p{unit})", fontsize=8)
         ax.set_title("top genes", fontsize=9)
+    fig.suptitle(f"In-silico perturbation: {edit}" if edit else "In-silico perturbation", fontsize=11)
+    _edit_legend(fig, region, target, context)
     if save is not None:
         save_figure(fig, save)
     return fig
+
+
+def _edit_legend(fig, region: np.ndarray, target: np.ndarray, context: np.ndarray) -> None:
+    """Legend below the panels: which spots were edited (outlined), regenerated, and unchanged (faded)."""
+    from matplotlib.lines import Line2D
+
+    def marker(edge: str | None, alpha: float) -> Line2D:
+        return Line2D(
+            [],
+            [],
+            ls="",
+            marker="o",
+            ms=7,
+            mfc="0.45",
+            alpha=alpha,
+            mec=edge or "none",
+            mew=1.0 if edge else 0,
+        )
+
+    handles = [marker("black", 1.0)]
+    labels = [f"outlined: the edited region ({int(region.sum())} spots)"]
+    if target.any():
+        handles.append(marker(None, 1.0))
+        labels.append(f"regenerated: target spots ({int(target.sum())})")
+    if context.any():
+        handles.append(marker(None, 0.35))
+        labels.append(f"faded: context, unchanged ({int(context.sum())} spots)")
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), fontsize=9, frameon=False)
 
 
 def generation_figure(
@@ -382,7 +435,118 @@ def generation_figure(
         ax.scatter(pos[~q, 0], pos[~q, 1], s=s, color="0.85", linewidths=0)
         sc = ax.scatter(pos[q, 0], pos[q, 1], c=v, s=s, cmap=cmap, vmin=lo, vmax=hi, linewidths=0)
         _style(ax, title, invert_y)
-    fig.colorbar(sc, ax=list(axes), fraction=0.03, pad=0.02)
+    cb = fig.colorbar(sc, ax=list(axes), fraction=0.03, pad=0.02)
+    cb.set_label(f"{label} expression (one scale, {lo:.2f} to {hi:.2f})", fontsize=8)
+    fig.suptitle(
+        f"Held-out generation of {label}: {m} generated spots coloured, {n - m} known spots grey", fontsize=10
+    )
+    if save is not None:
+        save_figure(fig, save)
+    return fig
+
+
+def spatial(
+    adata,
+    color: str | Sequence[str] | None = None,
+    *,
+    basis: str = "spatial",
+    layer: str | None = None,
+    highlight: str | None = None,
+    groups: Sequence[str] | None = None,
+    title: str | Sequence[str] | None = None,
+    size: float | None = None,
+    cmap: str = "viridis",
+    palette: Any = None,
+    invert_y: bool = True,
+    ax=None,
+    save: PathLike | None = None,
+):
+    """Spots or cells of an AnnData at ``obsm[basis]``, coloured by obs columns or genes (one panel per key).
+
+    Exported as ``msfm.pl.spatial``.
+
+    Args:
+        adata: AnnData with positions in ``obsm[basis]`` (the first two columns are drawn).
+        color: An obs column (categorical -> legend, numeric -> colour bar), a gene in ``var_names``, a list of
+            those (one panel each), or None (grey).
+        basis: ``obsm`` key of the positions ("spatial"; "X_spatial" is also looked for).
+        layer: Layer to read gene expression from (default ``.X``).
+        highlight: A boolean obs column; those cells are outlined in black (e.g. an edited region).
+        groups: For categorical keys, draw only these categories in colour (the rest light grey, "other").
+        title: One title, or one per colour key (default: the key).
+        size: Marker size (points^2); default scales with the number of cells.
+        cmap: Colour map of numeric keys.
+        palette: Category colours (dict, list or colormap name); default ``uns['<key>_colors']`` or tab10/20.
+        invert_y: Point the y axis down (image coordinates, as scanpy/squidpy).
+        ax: Draw into this axes (one colour key only); its figure is returned and not resized.
+        save: Write the figure as a PNG here.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        MsfmInputError: Unknown basis (naming the obsm keys), colour key (naming obs columns and genes),
+            highlight column (not boolean) or group.
+    """
+    from msfm.pl.embedding import as_keys, color_values, new_figure, panel_titles, resolve_basis
+
+    key, arr = resolve_basis(adata, basis)
+    pos = arr[:, :2]
+    keys = as_keys(color)
+    titles = panel_titles(keys, title)
+    if ax is not None and len(keys) > 1:
+        msg = f"ax= draws one panel; got {len(keys)} colour keys. Pass one key or leave ax=None."
+        raise MsfmInputError(msg)
+    hl = None
+    if highlight is not None:
+        if highlight not in adata.obs.columns:
+            msg = f"highlight={highlight!r} is not an obs column; obs columns: {list(map(str, adata.obs.columns))}."
+            raise MsfmInputError(msg)
+        hl = adata.obs[highlight].to_numpy()
+        if hl.dtype != bool:
+            msg = f"highlight column {highlight!r} must be boolean (True = outlined); got dtype {hl.dtype}."
+            raise MsfmInputError(msg)
+    panels = []
+    for k in keys:
+        if k is None:
+            panels.append((np.full(adata.n_obs, "all cells"), True, ["all cells"], {"palette": ["#9e9e9e"]}))
+            continue
+        vals, cat, cats = color_values(adata, k, layer)
+        extra: dict[str, Any] = {}
+        if cat and groups is not None:
+            unknown = [g for g in groups if g not in cats]
+            if unknown:
+                msg = f"groups {unknown} are not categories of {k!r}; categories: {cats}."
+                raise MsfmInputError(msg)
+            vals = np.where(np.isin(vals, list(groups)), vals, "other")
+            cats = [g for g in cats if g in groups] + ["other"]
+            extra["palette"] = {**palette_for(cats[:-1], palette), "other": "#d3d3d3"}
+        elif cat:
+            extra["palette"] = palette_for(cats, palette, adata.uns.get(f"{k}_colors"))
+        panels.append((vals, cat, cats, extra))
+    if ax is None:
+        widths = [4.2 + (legend_width_in(c) if cat else 0.8) for _, cat, c, _ in panels]
+        fig = new_figure((sum(widths), 4.2))
+        axes = list(fig.subplots(1, len(keys), squeeze=False, gridspec_kw={"width_ratios": widths})[0])
+    else:
+        fig, axes = ax.figure, [ax]
+    for a, k, t, (vals, cat, cats, extra) in zip(axes, keys, titles, panels):
+        spatial_scatter(
+            pos,
+            vals,
+            ax=a,
+            title=t,
+            cmap=cmap,
+            size=size,
+            categorical=cat,
+            categories=cats,
+            highlight=hl,
+            invert_y=invert_y,
+            colorbar_label=None if cat else k + (f" ({layer})" if layer and k in adata.var_names else ""),
+            **extra,
+        )
+        a.set_xlabel(f"{key.removeprefix('X_')}1", fontsize=9)
+        a.set_ylabel(f"{key.removeprefix('X_')}2", fontsize=9)
     if save is not None:
         save_figure(fig, save)
     return fig
