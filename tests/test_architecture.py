@@ -14,7 +14,7 @@ SRC = Path(__file__).parents[1] / "src" / "msfm"
 FAMILIES = ("scfoundation", "scmulan", "roam", "gest")
 
 # layer -> what it must not import (prefixes of msfm module names)
-UPPER = ("msfm.cli", "msfm.demo", "msfm.bench")
+UPPER = ("msfm.cli", "msfm.demo", "msfm.bench", "msfm.view")
 MODELS = (*(f"msfm.models.{f}" for f in FAMILIES), "msfm.models", "msfm.registry")
 RULES: dict[str, tuple[str, ...]] = {
     # runtime imports nothing above it: only msfm.errors, msfm._version, msfm._lazy and itself
@@ -29,6 +29,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "msfm.engine": (*MODELS, *UPPER, "msfm.eval", "msfm.pl"),
     "msfm.eval": (*MODELS, *UPPER),
     "msfm.pl": (*MODELS, *UPPER),
+    # the viewer is a top layer beside the CLI: it may use the families, but not the CLI, the demo or benchmarks
+    "msfm.view": ("msfm.cli", "msfm.demo", "msfm.bench"),
     # a family imports no other family (msfm.registry and shared layers are fine), and never the CLI
     **{f"msfm.models.{f}": (*(f"msfm.models.{g}" for g in FAMILIES if g != f), *UPPER) for f in FAMILIES},
 }  # fmt: skip
