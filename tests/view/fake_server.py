@@ -58,8 +58,9 @@ class FakeData:
         gx, gy = np.meshgrid(np.arange(side), np.arange(side))
         self.sx = (gx.ravel()[:n_spots] * 100.0).astype(np.float32)
         self.sy = (gy.ravel()[:n_spots] * 100.0).astype(np.float32)
-        # "FAIL" makes the fake job fail, to test how the page shows a failed job.
-        self.genes = [f"GENE{i}" for i in range(30)] + ["EPCAM", "KRT5", "CD3E", "FAIL"]
+        # "FAIL" makes the fake job fail, to test how the page shows a failed job; "NOOP" (pushed down) makes it a
+        # no-op edit, as a requantized edit too small to move any spot to another meta-cell.
+        self.genes = [f"GENE{i}" for i in range(30)] + ["EPCAM", "KRT5", "CD3E", "FAIL", "NOOP"]
         self.expr = rng.gamma(2.0, 1.0, (n_spots, len(self.genes))).astype(np.float32)
         self.niche = (self.sx // (side * 100 / 3)).astype(int) + 3 * (self.sy > side * 50).astype(int)
         centres = rng.normal(0, 6, (6, 2))
@@ -106,7 +107,10 @@ class FakeData:
         perturbed = control.copy()
         edited = np.asarray(body.get("cells") or [], dtype=int)
         sign = 1.0 if up else -1.0
-        perturbed[edited] = control[edited] + sign * 4.0 * float(body.get("amount", 0.95))
+        # "NOOP" among the down genes stands for an edit too small to change the model's input (requantize).
+        no_op = "NOOP" in (body.get("down") or [])
+        if not no_op:
+            perturbed[edited] = control[edited] + sign * 4.0 * float(body.get("amount", 0.95))
         job.update(
             state="done",
             progress=1.0,
@@ -118,7 +122,7 @@ class FakeData:
                 "gene": gene,
                 "edited": edited.tolist(),
                 "targets": edited.tolist(),
-                "summary": {"n_edited": int(edited.size)},
+                "summary": {"n_edited": int(edited.size), "no_op": no_op},
             },
         )
 

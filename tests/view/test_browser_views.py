@@ -162,6 +162,27 @@ def test_spatial_select_perturb_and_difference(page: Any, tmp_path: Path) -> Non
     save(page.screenshot(full_page=True), tmp_path, "spatial_page.png")
 
 
+def test_spatial_no_op_edit_is_said_in_the_page(page: Any) -> None:
+    goto(page, "spatial")
+    page.wait_for_function("window.msfmState.spatialDrawn > 0", timeout=10_000)
+    a = page.evaluate("window.msfmTest.spotOnPage(0)")
+    b = page.evaluate("window.msfmTest.spotOnPage(306)")
+    page.mouse.move(a["x"] - 3, a["y"] - 3)
+    page.mouse.down()
+    page.mouse.move(b["x"] + 3, b["y"] + 3, steps=5)
+    page.mouse.up()
+    page.get_by_test_id("gene-pick").fill("EPCAM")
+    page.get_by_test_id("add-up").click()
+    page.get_by_test_id("gene-pick").fill("NOOP")
+    page.get_by_test_id("add-down").click()
+    page.get_by_test_id("generate").click()
+    page.wait_for_function("window.msfmState.resultDrawn === true", timeout=15_000)
+    note = page.get_by_test_id("result-note")
+    assert state(page, "resultSummary")["no_op"] is True
+    assert note.is_visible()
+    assert "changed nothing the model reads" in note.inner_text()
+
+
 def test_spatial_failed_job_shows_its_error(page: Any) -> None:
     goto(page, "spatial")
     page.wait_for_function("window.msfmState.spatialDrawn > 0", timeout=10_000)

@@ -245,6 +245,15 @@ function showResult(id, result) {
   );
   const link = document.getElementById("download");
   link.href = withToken(`/api/jobs/${encodeURIComponent(id)}/result.h5ad`);
+  // A requantized edit too small to move any spot to another meta-cell leaves the model's input unchanged: say
+  // so next to the panels rather than let an all-white difference look like a finding.
+  const note = document.getElementById("result-note");
+  const noOp = Boolean(result.summary && result.summary.no_op);
+  note.hidden = !noOp;
+  note.textContent = noOp
+    ? "This edit changed nothing the model reads: no edited spot moved to another meta-cell (requantize mode). " +
+      "Select more spots, add genes, raise the strength, or choose the continuous mode."
+    : "";
   state.resultDrawn = true;
   state.resultSummary = result.summary || null;
   status(`perturbation done in ${fmt(state.timings.perturbMs / 1000)} s`);
