@@ -277,7 +277,7 @@ def report_section(m: dict[str, Any]) -> str:
         reading(
             "Colours are percentiles of the attention within the slide (as in the ROAM and CLAM papers): red "
             "marks the ROIs ranked highest, blue the lowest, whatever the actual difference. When the raw "
-            "range is narrow (the colour bar's note says so), the model spread its attention almost evenly and "
+            "range is narrow (the red note under the figure says so), the model spread its attention almost evenly and "
             "the colours exaggerate tiny differences: on these tasks colour and texture are the same all over a "
             "slide, so no region should stand out."
         ),

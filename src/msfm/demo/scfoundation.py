@@ -356,9 +356,9 @@ def report_section(m: dict[str, Any]) -> str:
             "ARI: a fifth of the counts still carries most of the cell-type signal in blood cells, so there is "
             "little for enhancement to recover here.",
             compare(
-                "the enhanced profiles",
+                "the enhanced profile",
                 fid["pearson_enhanced_vs_full"],
-                "the thinned counts",
+                "the thinned profile",
                 fid["pearson_low_vs_full"],
                 metric="Pearson with the full-depth profile",
             ),
