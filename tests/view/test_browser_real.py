@@ -13,9 +13,6 @@ from typing import Any
 import pytest
 from tests.view._browser import browser_page, colourful, require_browser, save, serve_in_thread, state
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-
 TOKEN = "real-token-4567"
 
 

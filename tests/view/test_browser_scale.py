@@ -8,9 +8,6 @@ from typing import Any
 import pytest
 from tests.view._browser import browser_page, require_browser, serve_in_thread, state
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-
 
 @pytest.fixture(scope="module")
 def page() -> Iterator[Any]:

@@ -14,9 +14,6 @@ import numpy as np
 import pytest
 from tests.view._browser import browser_page, colourful, require_browser, save, serve_in_thread, state
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-
 TOKEN = "test-token-123"
 
 

@@ -10,9 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("starlette")
-pytest.importorskip("httpx")
-
 from msfm.view.jobs import JobRunner
 
 with warnings.catch_warnings():

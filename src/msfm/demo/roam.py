@@ -193,13 +193,9 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any
     return metrics
 
 
-def _fmt(x: Any) -> str:
-    return "n/a" if x is None or x != x else f"{x:.3f}"  # x != x: NaN
-
-
 def report_section(m: dict[str, Any]) -> str:
     """The ROAM section of the report: every table followed by a plain reading of it."""
-    from msfm.demo.report_text import md_table, reading, timings
+    from msfm.demo.report_text import fmt, md_table, reading, timings
 
     t = m["timings"]
     rows = []
@@ -209,10 +205,10 @@ def report_section(m: dict[str, Any]) -> str:
             [
                 task,
                 ", ".join(s["classes"]),
-                f"{_fmt(s['oof']['accuracy'])} (n={s['n_oof']})",
+                f"{fmt(s['oof']['accuracy'])} (n={s['n_oof']})",
                 s["oof"]["macro_f1"],
                 s["oof"]["auc_macro"],
-                f"{_fmt(s['test_ensemble']['accuracy'])} (n={s['n_test']})",
+                f"{fmt(s['test_ensemble']['accuracy'])} (n={s['n_test']})",
                 s["test_ensemble"]["auc_macro"],
             ]
         )
@@ -260,8 +256,8 @@ def report_section(m: dict[str, Any]) -> str:
         ),
         f"**Cascade.** The two models chained as a pathologist's workflow would: `source` on every slide, then "
         f"`restained` only on slides called `cmu`, giving one of three final calls. Accuracy "
-        f"{_fmt(c['accuracy_test'])} on the {c['n_test']} slides that no model in the chain trained on "
-        f"({_fmt(c['accuracy_all'])} on all slides, most of them seen in training). Table: "
+        f"{fmt(c['accuracy_test'])} on the {c['n_test']} slides that no model in the chain trained on "
+        f"({fmt(c['accuracy_all'])} on all slides, most of them seen in training). Table: "
         "`roam/cascade_predictions.csv`.",
         "",
         "**Heatmaps** of test slides: where the attention of the predicted class lies. Left: the slide; right: "

@@ -7,33 +7,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from msfm.pl.embedding import embedding, embedding_panels
+from msfm.pl.figure import new_figure, save_figure
 from msfm.pl.spatial_figures import spatial
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, save: str | os.PathLike[str] | None) -> None:
-    if save is None:
-        return
-    from msfm.runtime.atomic import atomic_path
-
-    path = Path(save)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # An unpredictable, exclusively created temporary (a planted link is never followed), renamed into place.
-    with atomic_path(path, suffix=path.suffix) as tmp:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
 
 
 def metric_bars(
@@ -50,11 +29,11 @@ def metric_bars(
     The y axis spans 0 to 1 and extends below 0 when a value is negative (a negative correlation is shown, not cut).
     ``metric_labels`` names the metrics in the legend (default: the metric key in capitals).
     """
-    plt = _pyplot()
     methods = list(table)
     x = np.arange(len(methods))
     width = 0.8 / max(len(metrics), 1)
-    fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2.5, 3.6))
+    fig = new_figure((1.3 * len(methods) + 2.5, 3.6), constrained=False)
+    ax = fig.subplots()
     for j, m in enumerate(metrics):
         vals = [table[k].get(m, np.nan) for k in methods]
         name = (metric_labels or {}).get(m, m.upper())
@@ -78,7 +57,8 @@ def metric_bars(
     # Outside the axes, so the legend never covers a bar.
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    _save(fig, save)
+    if save is not None:
+        save_figure(fig, save)
     return fig
 
 
@@ -91,14 +71,15 @@ def training_curve(
     save: str | os.PathLike[str] | None = None,
 ):
     """Line plot of a logged training metric."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    fig = new_figure((4.8, 3.2), constrained=False)
+    ax = fig.subplots()
     ax.plot(steps, values, lw=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, save)
+    if save is not None:
+        save_figure(fig, save)
     return fig
 
 
@@ -127,8 +108,8 @@ def line_plot(
     save: str | os.PathLike[str] | None = None,
 ):
     """One line per named series over a shared x axis (e.g. a perturbation score against the forced level)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    fig = new_figure((4.8, 3.4), constrained=False)
+    ax = fig.subplots()
     for name, ys in series.items():
         ax.plot(list(x), list(ys), marker="o", ms=3, label=name)
     ax.axhline(0.0, color="0.7", lw=0.8, zorder=0)
@@ -137,5 +118,6 @@ def line_plot(
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
-    _save(fig, save)
+    if save is not None:
+        save_figure(fig, save)
     return fig

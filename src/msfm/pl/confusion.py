@@ -107,7 +107,7 @@ def confusion_matrix(
     """
     import matplotlib
 
-    from msfm.pl.slides import _figure, save_figure
+    from msfm.pl.figure import new_figure, save_figure
 
     true = _column(adata, true_key, "true_key")
     pred = _column(adata, pred_key, "pred_key")
@@ -119,7 +119,7 @@ def confusion_matrix(
     margin = min(0.4 + 0.065 * longest, 3.0)
     width = n * cell + margin + 1.6
     height = n * cell + margin + 0.9
-    fig = _figure((width, height))
+    fig = new_figure((width, height), constrained=False)
     ax = fig.add_axes((margin / width, margin / height, n * cell / width, n * cell / height))
     cax = fig.add_axes(((margin + n * cell + 0.15) / width, margin / height, 0.15 / width, n * cell / height))
     # A row or column without cells is light grey, not "0 %".

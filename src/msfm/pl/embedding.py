@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from msfm.errors import MsfmInputError
+from msfm.pl.figure import new_figure, save_figure
 
 __all__ = ["embedding", "embedding_panels"]
 
@@ -27,16 +28,6 @@ _CHAR_WIDTH_IN = 0.5 * LEGEND_FONTSIZE / 72.0  # mean glyph width of DejaVu Sans
 _MARKER_WIDTH_IN = 0.35
 _ROWS_PER_COLUMN = 14
 NA_COLOR = "#d3d3d3"
-
-
-def new_figure(figsize: tuple[float, float]):
-    """A constrained-layout figure without pyplot state (outside legends and colour bars get room)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,8 +237,6 @@ def default_size(n: int, size: float | None) -> float:
 
 def save_if(fig, save: PathLike | None) -> None:
     if save is not None:
-        from msfm.pl.slides import save_figure
-
         save_figure(fig, save)
 
 

@@ -214,12 +214,11 @@ def slide_heatmap(
         The matplotlib ``Figure`` (axes: thumbnail, overlay, colour bar).
     """
     import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
 
-    from msfm.pl.slides import overlay_heatmap, save_figure
+    from msfm.pl.figure import new_figure, save_figure
+    from msfm.pl.slides import overlay_heatmap
 
     lib_id, lib = _library(adata, library_id)
     values = _obs_values(adata, color)
@@ -273,8 +272,7 @@ def slide_heatmap(
     panel_h = 4.2
     panel_w = min(panel_h * vw / vh, 7.0)
     # Constrained layout keeps the title, colour bar label and note inside the saved PNG.
-    fig = Figure(figsize=(2 * panel_w + 1.4, panel_w * vh / vw + 1.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure((2 * panel_w + 1.4, panel_w * vh / vw + 1.5))
     axes = fig.subplots(1, 2, squeeze=False)[0]
     for ax, img, name in zip(axes, (thumb, overlay), ("slide", f"coloured by {color}")):
         ax.imshow(img)

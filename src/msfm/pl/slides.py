@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from msfm.errors import MsfmInputError
+from msfm.pl.figure import new_figure, save_figure
 from msfm.runtime.atomic import atomic_write_bytes
 
 __all__ = [
@@ -28,27 +29,6 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
-
-
-def _figure(figsize: tuple[float, float]):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure(fig, path: PathLike, *, dpi: int = 130, tight: bool = True) -> Path:
-    """Render ``fig`` to PNG and write it atomically (the parent folder is created).
-
-    ``tight=False`` skips the tight bounding box (an extra layout pass that is slow for grids of many axes).
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
-    return atomic_write_bytes(target, buf.getvalue())
 
 
 def save_png(image: np.ndarray, path: PathLike) -> Path:
@@ -160,7 +140,7 @@ def slide_heatmap_figure(
     panels = [overlay] if thumbnail is None else [thumbnail, overlay]
     h, w = overlay.shape[:2]
     side = 5.0
-    fig = _figure((side * w / max(h, 1) * len(panels) + 1.2, side))
+    fig = new_figure((side * w / max(h, 1) * len(panels) + 1.2, side), constrained=False)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, img, name in zip(axes, panels, (["slide", "attention"] if len(panels) == 2 else ["attention"])):
         ax.imshow(img)
@@ -198,7 +178,7 @@ def roi_gallery(
     left_in, top_in, title_in = (0.35 if row_labels else 0.1), (0.45 if title else 0.15), 0.3
     width = tile_inches * n_cols + left_in + 0.1
     height = (tile_inches + title_in) * n_rows + top_in + 0.1
-    fig = _figure((width, height))
+    fig = new_figure((width, height), constrained=False)
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     fig.subplots_adjust(
         left=left_in / width,
@@ -262,7 +242,7 @@ def roi_maps_figure(
     peak = float(f.max()) if f.size else 0.0
     f = f / peak if peak > 0 else f
     panels.append(("fused", overlay_heatmap(img, f, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0)))
-    fig = _figure((2.2 * len(panels) + 0.2, 2.9))
+    fig = new_figure((2.2 * len(panels) + 0.2, 2.9), constrained=False)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.03, top=0.78, wspace=0.06)
     for ax, (name, p) in zip(axes, panels):

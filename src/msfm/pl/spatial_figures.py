@@ -2,7 +2,7 @@
 in-silico perturbation figures.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly (no pyplot state) and rendered with the Agg
-backend. Every function returns the ``Figure``; ``save=`` writes a PNG atomically (:func:`msfm.pl.slides.save_figure`).
+backend. Every function returns the ``Figure``; ``save=`` writes a PNG atomically (:func:`msfm.pl.figure.save_figure`).
 Positions are drawn with equal aspect and, by default, the y axis pointing down (image coordinates, as scanpy and
 squidpy draw spatial data).
 """
@@ -17,21 +17,11 @@ import numpy as np
 
 from msfm.errors import MsfmInputError
 from msfm.pl.embedding import draw_categorical, legend_width_in, palette_for
-from msfm.pl.slides import save_figure
+from msfm.pl.figure import new_figure, save_figure
 
 __all__ = ["generation_figure", "perturbation_figure", "spatial", "spatial_scatter"]
 
 PathLike = str | os.PathLike[str]
-
-
-def _figure(figsize: tuple[float, float]):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    # Constrained layout keeps colour bars and the bar chart's gene labels from overlapping neighbouring panels.
-    fig = Figure(figsize=figsize, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _xy(xy: Any) -> np.ndarray:
@@ -160,7 +150,7 @@ def spatial_scatter(
         categories = sorted(set(labels.tolist()))
     if ax is None:
         # Widened to the legend (longest label, several columns past 14 categories) so it is never cut.
-        fig = _figure((4.2 + legend_width_in(categories), 4.2) if categorical else (4.8, 4.2))
+        fig = new_figure((4.2 + legend_width_in(categories), 4.2) if categorical else (4.8, 4.2))
         ax = fig.add_subplot(1, 1, 1)
     else:
         fig = ax.figure
@@ -280,7 +270,7 @@ def perturbation_figure(
     alpha = np.where(context, 0.35, 1.0)
     n_rows = len(shown)
     n_cols = 3 + (1 if report is not None else 0)
-    fig = _figure((3.4 * n_cols + 0.6, 3.0 * n_rows + 0.4))
+    fig = new_figure((3.4 * n_cols + 0.6, 3.0 * n_rows + 0.4))
     grid = fig.add_gridspec(n_rows, n_cols)
     for r, g in enumerate(shown):
         j = lookup[g]
@@ -428,7 +418,7 @@ def generation_figure(
     lo = float(min(v.min() for _, v in panels))
     hi = float(max(v.max() for _, v in panels))
     s = _point_size(n, size)
-    fig = _figure((3.3 * len(panels) + 0.8, 3.4))
+    fig = new_figure((3.3 * len(panels) + 0.8, 3.4))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     sc = None
     for ax, (title, v) in zip(axes, panels):
@@ -488,7 +478,7 @@ def spatial(
         MsfmInputError: Unknown basis (naming the obsm keys), colour key (naming obs columns and genes),
             highlight column (not boolean) or group.
     """
-    from msfm.pl.embedding import as_keys, color_values, new_figure, panel_titles, resolve_basis
+    from msfm.pl.embedding import as_keys, color_values, panel_titles, resolve_basis
 
     key, arr = resolve_basis(adata, basis)
     pos = arr[:, :2]

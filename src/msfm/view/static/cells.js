@@ -1,7 +1,7 @@
 // Cells view: an embedding (obsm basis) coloured by any obs column, with hover details (the confidence column
 // highlighted) from the nearest point found through the scatter's grid index.
 import { el, fmt, getJSON, state, status, toFloat32 } from "./api.js";
-import { categoricalColors, colorBar, legend, numericColors, range } from "./colormaps.js";
+import { colorsFor } from "./colormaps.js";
 import { Scatter } from "./scatter.js";
 
 let plot = null;
@@ -54,16 +54,9 @@ async function colorBy() {
   if (key) {
     try {
       const c = await getJSON(`/api/cells/${encodeURIComponent(entry.id)}/color?key=${encodeURIComponent(key)}`);
-      if (c.kind === "categorical") {
-        const { colors, categories } = categoricalColors(c.values, c.categories);
-        plot.setColors(colors);
-        box.replaceChildren(legend(categories, key));
-      } else {
-        const v = toFloat32(c.values);
-        const [lo, hi] = range(v);
-        plot.setColors(numericColors(v, "viridis", lo, hi));
-        box.replaceChildren(colorBar("viridis", lo, hi, key, "cells-colorbar"));
-      }
+      const { colors, key: keyBox } = colorsFor(c, key, "cells-colorbar");
+      plot.setColors(colors);
+      box.replaceChildren(keyBox);
       state.cellsColor = key;
     } catch (err) {
       status(String(err.message), true);

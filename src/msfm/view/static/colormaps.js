@@ -1,5 +1,5 @@
 // Colour maps as anchor lists interpolated into 256-entry lookup tables, plus colour bars and legends.
-import { el, fmt } from "./api.js";
+import { el, fmt, toFloat32 } from "./api.js";
 
 const ANCHORS = {
   viridis: ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725"],
@@ -139,6 +139,20 @@ export function legend(categories, caption) {
   });
   if (categories.length > 40) box.append(el("div", { text: `... ${categories.length - 40} more` }));
   return box;
+}
+
+/**
+ * Colours for one `/color` answer of the API, with its legend (categories) or colour bar (numbers).
+ * Returns { colors, key: the legend or colour bar element }.
+ */
+export function colorsFor(payload, caption, colorbarTestid = null) {
+  if (payload.kind === "categorical") {
+    const { colors, categories } = categoricalColors(payload.values, payload.categories);
+    return { colors, key: legend(categories, caption) };
+  }
+  const v = toFloat32(payload.values);
+  const [lo, hi] = range(v);
+  return { colors: numericColors(v, "viridis", lo, hi), key: colorBar("viridis", lo, hi, caption, colorbarTestid) };
 }
 
 export function colormapNames() {

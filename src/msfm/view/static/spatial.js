@@ -1,7 +1,7 @@
 // Spatial view: spots at their coordinates coloured by a gene or obs column, box/lasso selection and the GeST
 // perturbation job (progress, cancel, control / perturbed / difference small multiples, h5ad download).
 import { el, fmt, getJSON, postJSON, state, status, toFloat32, withToken } from "./api.js";
-import { categoricalColors, colorBar, legend, numericColors, range } from "./colormaps.js";
+import { colorBar, colorsFor, numericColors, range } from "./colormaps.js";
 import { Scatter, attachSelection } from "./scatter.js";
 
 let data = null; // {id, entry, x, y, genes, obs}
@@ -60,16 +60,9 @@ async function colorBy(key) {
   try {
     const c = await getJSON(`/api/spatial/${encodeURIComponent(data.id)}/color?key=${encodeURIComponent(key)}`);
     const box = document.getElementById("spatial-legend");
-    if (c.kind === "categorical") {
-      const { colors, categories } = categoricalColors(c.values, c.categories);
-      plot.setColors(colors);
-      box.replaceChildren(legend(categories, key));
-    } else {
-      const v = toFloat32(c.values);
-      const [lo, hi] = range(v);
-      plot.setColors(numericColors(v, "viridis", lo, hi));
-      box.replaceChildren(colorBar("viridis", lo, hi, key, "spatial-colorbar"));
-    }
+    const { colors, key: keyBox } = colorsFor(c, key, "spatial-colorbar");
+    plot.setColors(colors);
+    box.replaceChildren(keyBox);
     state.spatialColor = key;
   } catch (err) {
     status(String(err.message), true);
